@@ -1,0 +1,9 @@
+"""The paper's operators as ``torch.library`` custom ops (namespace ``approxbp``)."""
+
+from .activations import REGELU2, RESILU2, StepDerivative, regelu2, resilu2, step_activation
+from .norms import SharedNorm, linear_shared, ms_layer_norm, ms_rms_norm
+
+__all__ = [
+    "REGELU2", "RESILU2", "SharedNorm", "StepDerivative", "linear_shared", "ms_layer_norm", "ms_rms_norm",
+    "regelu2", "resilu2", "step_activation",
+]

@@ -1,0 +1,68 @@
+"""Run an op body as one inductor kernel when it executes for real, as plain torch ops when it is traced.
+
+The custom ops' forwards are opaque to AOTAutograd (that is what pins the saved set), so their bodies
+never reach the user's inductor graph: without help they would run as several eager kernels, one pass
+over memory each. ``fused`` compiles a body once per dtype (dynamic shapes) and calls that instead.
+
+Backward formulas are written as plain torch code so that, when AOTAutograd traces the backward of a
+compiled model, they land in the backward graph where inductor fuses them with their neighbours. In
+that case ``fused`` must not call the compiled kernel: it detects tracing (fake tensors or an active
+proxy mode) and runs the body directly.
+
+Set ``APPROXBP_FX_KERNELS=eager`` to never compile (for debugging, or where no C compiler exists).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Callable, TypeVar
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+log = logging.getLogger("approxbp_fx")
+
+F = TypeVar("F", bound=Callable[..., object])
+
+_KERNEL_MODES = ("compiled", "eager")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("APPROXBP_FX_KERNELS", "compiled")
+    if mode not in _KERNEL_MODES:
+        raise ValueError(f"APPROXBP_FX_KERNELS={mode!r}: expected one of {_KERNEL_MODES}")
+    return mode
+
+
+def is_tracing(*tensors: torch.Tensor | None) -> bool:
+    """True when the op runs under a tracer (Dynamo/AOTAutograd/make_fx), not on real data."""
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        return True
+    return any(t is not None and is_fake(t) for t in tensors)
+
+
+def fused(fn: F) -> F:
+    """Decorator: run ``fn`` through ``torch.compile`` on real tensors, directly when traced."""
+    compiled: Callable[..., object] | None = None
+    broken = False
+
+    @functools.wraps(fn)
+    def wrapper(*args: object) -> object:
+        nonlocal compiled, broken
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if broken or kernel_mode() == "eager" or is_tracing(*tensors):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            # A machine without a working C compiler still gets correct (slower) results.
+            broken = True
+            log.warning("approxbp_fx: compiling %s failed (%s); using eager kernels", fn.__name__, exc)
+            return fn(*args)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,206 @@
+"""Approx-BP activations: exact forward, k-bit step-function derivative in backward.
+
+The forward of GELU/SiLU is computed by the same aten kernel as ``F.gelu``/``F.silu`` (bitwise equal).
+For backward only a code k = #{i : x > c_i} is kept, packed ``8 // bits`` codes per byte; backward is
+``dy * levels[k]`` (Yang et al., ICML 2024, "ReGELU2"/"ReSiLU2" for 2 bits).
+
+    before:  y = gelu(x)                       saves x            (4 bytes/elem in fp32)
+    after:   y, code = approxbp::step_act(x)   saves code         (0.25 bytes/elem at 2 bits)
+
+The forward is an opaque custom op so that AOTAutograd's partitioner cannot recompute the code from x
+(and then keep x instead). The backward is plain torch code, which AOTAutograd traces into the backward
+graph where inductor fuses the unpacking with the surrounding gradient math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._fused import fused, is_tracing
+
+__all__ = ["StepDerivative", "REGELU2", "RESILU2", "regelu2", "resilu2", "step_activation", "ACTIVATIONS"]
+
+
+@dataclass(frozen=True)
+class StepDerivative:
+    """A step function used as an activation's derivative: ``levels[k]`` where k thresholds are exceeded."""
+
+    thresholds: tuple[float, ...]
+    levels: tuple[float, ...]
+    error: float = float("nan")
+
+    def __post_init__(self) -> None:
+        if len(self.levels) != len(self.thresholds) + 1:
+            raise ValueError(
+                f"a step derivative needs one more level than thresholds, got {len(self.levels)} levels "
+                f"and {len(self.thresholds)} thresholds"
+            )
+        if len(self.levels) > 256:
+            raise ValueError(f"at most 256 levels (8 bits) are supported, got {len(self.levels)}")
+        if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ValueError(f"thresholds must be strictly increasing, got {self.thresholds}")
+
+    @property
+    def bits(self) -> int:
+        """Bits one code occupies in the packed buffer (1, 2, 4 or 8: a divisor of 8)."""
+        need = max(1, math.ceil(math.log2(len(self.levels))))
+        return next(b for b in (1, 2, 4, 8) if b >= need)
+
+    @classmethod
+    def from_relu_sum(cls, a: Sequence[float], c: Sequence[float]) -> "StepDerivative":
+        """From the paper's parametrisation h(x) = sum_i a_i ReLU(x - c_i): levels are partial sums of a."""
+        levels = [0.0]
+        for ai in a:
+            levels.append(levels[-1] + ai)
+        return cls(tuple(c), tuple(levels))
+
+
+# Constants of Yang et al. (ICML 2024), DESIGN.md section 2.
+REGELU2 = StepDerivative.from_relu_sum(
+    a=(-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
+    c=(-3.1858810036855245, -0.001178821281161997, 3.190832613414926),
+)
+RESILU2 = StepDerivative.from_relu_sum(
+    a=(-0.04060357190528599, 1.080925428529668, -0.040321856624382146),
+    c=(-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
+)
+
+# The activations whose forward the op computes itself, by name.
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "identity": lambda x: x.clone(),  # the forward was computed elsewhere (decomposed forms)
+}
+
+_consts: dict[tuple, Tensor] = {}
+
+
+def _const(values: Sequence[float], ref: Tensor, dtype: torch.dtype) -> Tensor:
+    """A small constant tensor, built once per device and dtype (no host-to-device copy per call)."""
+    if is_tracing(ref):  # a tracer's tensor must not outlive its trace
+        return torch.tensor(values, dtype=dtype, device=ref.device)
+    key = (tuple(values), ref.device, dtype)
+    t = _consts.get(key)
+    if t is None:
+        t = _consts[key] = torch.tensor(values, dtype=dtype, device=ref.device)
+    return t
+
+
+@fused
+def _encode(x: Tensor, thresholds: Tensor) -> Tensor:
+    """Pack k = #{i: x > thresholds[i]} row-wise: x is [m, per_byte], the result [m] uint8.
+
+    Written as explicit column ors: a broadcast-and-sum formulation compiled ~40x slower on CPU.
+    """
+    per_byte = x.shape[1]
+    bits = 8 // per_byte
+    x = x.to(thresholds.dtype)  # compare half inputs in fp32: rounding the thresholds to half moves them
+    k = (x > thresholds[0]).to(torch.uint8)
+    for i in range(1, thresholds.shape[0]):
+        k = k + (x > thresholds[i]).to(torch.uint8)
+    out = k[:, 0]
+    for j in range(1, per_byte):
+        out = out | (k[:, j] << (bits * j))
+    return out
+
+
+@fused
+def _decode_mul(grad: Tensor, code: Tensor, levels: Tensor) -> Tensor:
+    """grad * levels[k] with grad as [m, per_byte] and k unpacked from code [m]."""
+    per_byte = grad.shape[1]
+    bits = 8 // per_byte
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=code.device)
+    k = (code.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    scale = torch.full_like(grad, 0, dtype=levels.dtype) + levels[0]
+    for j in range(1, levels.shape[0]):
+        scale = torch.where(k >= j, levels[j], scale)
+    return (grad.to(levels.dtype) * scale).to(grad.dtype)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rows(t: Tensor, per_byte: int) -> Tensor:
+    """t flattened (row-major) and zero-padded to [ceil(numel / per_byte), per_byte].
+
+    Padding happens here, outside the compiled kernels: a pad inside them defeated vectorisation.
+    """
+    flat = t.reshape(-1)
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return flat.view(-1, per_byte)
+
+
+def _code_bytes(x: Tensor, bits: int) -> int:
+    per_byte = 8 // bits
+    return (x.numel() + per_byte - 1) // per_byte
+
+
+@torch.library.custom_op("approxbp::step_act", mutates_args=())
+def _step_act(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+    """y = fn(x) and the packed step code of x. ``levels`` is only read by the backward."""
+    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
+    y = ACTIVATIONS[fn](x)
+    code = _encode(_rows(x, 8 // bits), _const(thresholds, x, _compute_dtype(x)))
+    return y, code
+
+
+@_step_act.register_fake
+def _(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
+    return torch.empty_like(x), x.new_empty(_code_bytes(x, bits), dtype=torch.uint8)
+
+
+def _step_act_setup(ctx, inputs, output) -> None:
+    x, _fn, thresholds, levels = inputs
+    ctx.levels = tuple(levels)
+    ctx.bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _step_act_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
+    (code,) = ctx.saved_tensors
+    # float32 levels for half inputs: one rounding, in the final cast
+    levels = _const(ctx.levels, grad_y, _compute_dtype(grad_y))
+    grad_x = _decode_mul(_rows(grad_y, 8 // ctx.bits), code, levels)
+    return grad_x.reshape(-1)[: grad_y.numel()].view(grad_y.shape), None, None, None
+
+
+_step_act.register_autograd(_step_act_backward, setup_context=_step_act_setup)
+
+_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def step_activation(x: Tensor, fn: str, step: StepDerivative) -> Tensor:
+    """``fn(x)`` (one of ``ACTIVATIONS``) whose backward uses ``step`` as the derivative."""
+    if fn not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {fn!r}; expected one of {sorted(ACTIVATIONS)}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"step_activation expects a floating-point tensor, got {type(x).__name__}"
+                        f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}")
+    return torch.ops.approxbp.step_act(x, fn, list(step.thresholds), list(step.levels))[0]
+
+
+def regelu2(x: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(x, approximate=...)`` in forward (bitwise); backward with the paper's 2-bit ReGELU2 derivative.
+
+    Keeps ceil(numel / 4) bytes for backward instead of the input.
+    """
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return step_activation(x, _APPROXIMATE[approximate], REGELU2)
+
+
+def resilu2(x: Tensor) -> Tensor:
+    """``F.silu(x)`` in forward (bitwise); backward with the paper's 2-bit ReSiLU2 derivative."""
+    return step_activation(x, "silu", RESILU2)

@@ -1,0 +1,260 @@
+"""MS-BP: a norm and the linear layers after it share one saved tensor, the normalized y_hat.
+
+    before:  z = layer_norm(x, gamma, beta)         saves x, mean, rstd
+             q = linear(z, Wq, bq); k = ...         each saves z
+    after:   z, y_hat, rstd = approxbp::norm_shared(x, gamma, beta)     saves y_hat, rstd
+             q = approxbp::linear_shared(z, y_hat, Wq, bq, gamma, beta)  saves y_hat (the same tensor)
+
+The norm's backward is computed from its output (Yang et al., ICML 2024, MS-LN / MS-RMSNorm):
+    LayerNorm: dx = rstd * (dy - mean(dy) - y_hat * mean(dy * y_hat))
+    RMSNorm:   dx = rstd * (dy - y_hat * mean(dy * y_hat)),   dy = dz * gamma
+and the norm's affine stays in its own backward (d gamma = sum dz * y_hat, d beta = sum dz), so the
+user's parameters are never folded or copied. The linear's forward uses z exactly as before; its
+backward rebuilds z = y_hat * (gamma + offset) + beta when (and only when) the weight needs a gradient.
+
+Forwards are opaque custom ops, so AOTAutograd's partitioner cannot recompute y_hat and keep x
+instead; backwards are plain torch code that the partitioner hands to inductor for fusion.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._fused import fused
+
+__all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
+
+
+class SharedNorm(NamedTuple):
+    """Outputs of an MS norm: ``z`` (what the original norm returned), ``y_hat`` (shared), ``rstd``."""
+
+    z: Tensor
+    y_hat: Tensor
+    rstd: Tensor
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _affine(y_hat: Tensor, weight: Tensor | None, bias: Tensor | None, offset: float, out_dtype: torch.dtype) -> Tensor:
+    """z = y_hat * (weight + offset) + bias, computed in the compute dtype and rounded once to out_dtype."""
+    z = y_hat.to(_compute_dtype(y_hat) if y_hat.dtype != torch.float64 else torch.float64)
+    if weight is not None:
+        z = z * (weight.to(z.dtype) + offset) if offset else z * weight.to(z.dtype)
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    return z.to(out_dtype)
+
+
+@fused
+def _norm_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, offset: float, eps: float, rms: bool,
+    y_dtype: torch.dtype, z_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x is [rows, D]; returns z, y_hat [rows, D] and rstd [rows, 1] (float32 or float64)."""
+    xf = x.to(_compute_dtype(x))
+    if rms:
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = xf * rstd
+    else:
+        var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        y = (xf - mean) * rstd
+    y_hat = y.to(y_dtype)
+    # z from the unrounded y: the same rounding as an unrewritten norm
+    return _affine(y, weight, bias, offset, z_dtype), y_hat, rstd
+
+
+@fused
+def _norm_backward(
+    grad_z: Tensor, y_hat: Tensor, rstd: Tensor, weight: Tensor | None, offset: float, rms: bool,
+    need_x: bool, need_w: bool, need_b: bool, x_dtype: torch.dtype,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of x, weight, bias from the output (all [rows, D] / [D])."""
+    dz = grad_z.to(rstd.dtype)
+    y = y_hat.to(rstd.dtype)
+    grad_w = (dz * y).sum(0) if need_w else None
+    grad_b = dz.sum(0) if need_b else None
+    grad_x = None
+    if need_x:
+        dy = dz * (weight.to(dz.dtype) + offset) if weight is not None else dz
+        inner = dy - y * (dy * y).mean(-1, keepdim=True)
+        if not rms:
+            inner = inner - dy.mean(-1, keepdim=True)
+        grad_x = (rstd * inner).to(x_dtype)
+    return grad_x, grad_w, grad_b
+
+
+@torch.library.custom_op("approxbp::norm_shared", mutates_args=())
+def _norm_shared(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float, normalized_ndim: int,
+    eps: float, rms: bool, y_dtype: torch.dtype, z_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    rows = x.reshape(-1, _row_size(x, normalized_ndim))
+    z, y_hat, rstd = _norm_forward(rows, weight, bias, weight_offset, eps, rms, y_dtype, z_dtype)
+    stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
+    return z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
+
+
+@_norm_shared.register_fake
+def _(x, weight, bias, weight_offset, normalized_ndim, eps, rms, y_dtype, z_dtype):
+    stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
+    return (
+        x.new_empty(x.shape, dtype=z_dtype),
+        x.new_empty(x.shape, dtype=y_dtype),
+        x.new_empty(stat_shape, dtype=_compute_dtype(x)),
+    )
+
+
+def _row_size(x: Tensor, ndim: int) -> int:
+    size = 1
+    for s in x.shape[x.dim() - ndim:]:
+        size = size * s
+    return size
+
+
+def _norm_setup(ctx, inputs, output) -> None:
+    x, weight, bias, offset, ndim, _eps, rms, _y, _z = inputs
+    _z_out, y_hat, rstd = output
+    ctx.mark_non_differentiable(y_hat, rstd)
+    ctx.save_for_backward(y_hat, rstd, weight)
+    ctx.offset, ctx.ndim, ctx.rms, ctx.x_dtype = offset, ndim, rms, x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _norm_backward_autograd(ctx, grad_z: Tensor, _gy: Tensor | None, _gr: Tensor | None):
+    y_hat, rstd, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    d = _row_size(y_hat, ctx.ndim)
+    grad_x, grad_w, grad_b = _norm_backward(
+        grad_z.reshape(-1, d), y_hat.reshape(-1, d), rstd.reshape(-1, 1), None if weight is None else weight.reshape(-1),
+        ctx.offset, ctx.rms, need_x, need_w and weight is not None, need_b and ctx.has_bias, ctx.x_dtype,
+    )
+    if grad_x is not None:
+        grad_x = grad_x.view(y_hat.shape)
+    if grad_w is not None:
+        grad_w = grad_w.view(weight.shape).to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.view(weight.shape if weight is not None else y_hat.shape[y_hat.dim() - ctx.ndim:])
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+_norm_shared.register_autograd(_norm_backward_autograd, setup_context=_norm_setup)
+
+
+@torch.library.custom_op("approxbp::linear_shared", mutates_args=())
+def _linear_shared(
+    z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
+    norm_bias: Tensor | None, norm_weight_offset: float, weight_transposed: bool,
+) -> Tensor:
+    if weight_transposed:  # GPT-2's Conv1D: addmm(bias, z, W) with W of shape [in, out]
+        out = z.reshape(-1, z.shape[-1]) @ weight
+        if bias is not None:
+            out = out + bias
+        return out.view(*z.shape[:-1], weight.shape[1])
+    return F.linear(z, weight, bias)
+
+
+@_linear_shared.register_fake
+def _(z, y_hat, weight, bias, norm_weight, norm_bias, norm_weight_offset, weight_transposed):
+    out_features = weight.shape[1] if weight_transposed else weight.shape[0]
+    return z.new_empty((*z.shape[:-1], out_features))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed = inputs
+    # z itself is not saved: backward rebuilds it from the shared y_hat.
+    ctx.save_for_backward(y_hat, weight, norm_weight, norm_bias)
+    ctx.offset, ctx.transposed, ctx.z_dtype, ctx.has_bias = offset, transposed, z.dtype, bias is not None
+
+
+@fused
+def _linear_backward(
+    grad: Tensor, y_hat: Tensor, weight: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
+    offset: float, transposed: bool, z_dtype: torch.dtype, need_z: bool, need_w: bool, need_b: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """grad is [rows, out], y_hat [rows, in]."""
+    grad_z = grad_w = grad_b = None
+    if need_z:
+        grad_z = grad @ weight.t() if transposed else grad @ weight
+    if need_w:
+        z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype)
+        grad_w = z.t() @ grad if transposed else grad.t() @ z
+    if need_b:
+        grad_b = grad.sum(0)
+    return grad_z, grad_w, grad_b
+
+
+def _linear_backward_autograd(ctx, grad: Tensor):
+    y_hat, weight, norm_weight, norm_bias = ctx.saved_tensors
+    need_z, _, need_w, need_b = ctx.needs_input_grad[:4]
+    grad_z, grad_w, grad_b = _linear_backward(
+        grad.reshape(-1, grad.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]), weight, norm_weight, norm_bias,
+        ctx.offset, ctx.transposed, ctx.z_dtype, need_z, need_w, need_b and ctx.has_bias,
+    )
+    if grad_z is not None:
+        grad_z = grad_z.view(y_hat.shape).to(ctx.z_dtype)
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    return grad_z, None, grad_w, grad_b, None, None, None, None
+
+
+_linear_shared.register_autograd(_linear_backward_autograd, setup_context=_linear_setup)
+
+
+def _check_normalized_shape(x: Tensor, normalized_shape: Sequence[int] | int) -> int:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input {tuple(x.shape)}")
+    return len(shape)
+
+
+def ms_layer_norm(
+    x: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> SharedNorm:
+    """``F.layer_norm`` whose backward needs only its normalized output (saves y_hat and rstd).
+
+    ``z`` is the usual output; pass ``z`` and ``y_hat`` (with this norm's weight/bias) to
+    :func:`linear_shared` so the linear layers after the norm keep y_hat instead of their own copy of z.
+    """
+    ndim = _check_normalized_shape(x, normalized_shape)
+    return SharedNorm(*torch.ops.approxbp.norm_shared(x, weight, bias, 0.0, ndim, eps, False, x.dtype, x.dtype))
+
+
+def ms_rms_norm(
+    x: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None, eps: float = 1e-6,
+    weight_offset: float = 0.0, y_dtype: torch.dtype | None = None, z_dtype: torch.dtype | None = None,
+) -> SharedNorm:
+    """RMSNorm, ``z = y_hat * (weight + weight_offset)`` with ``y_hat = x * rsqrt(mean(x^2) + eps)``.
+
+    Statistics are computed in float32 (HF's LLaMA/T5 convention); ``weight_offset=1.0`` expresses
+    Gemma's ``(1 + weight)``. ``y_dtype``/``z_dtype`` (default: x's dtype) set what y_hat is stored in
+    and what z is returned in, to reproduce a model's casts.
+    """
+    ndim = _check_normalized_shape(x, normalized_shape)
+    return SharedNorm(*torch.ops.approxbp.norm_shared(
+        x, weight, None, float(weight_offset), ndim, eps, True, y_dtype or x.dtype, z_dtype or x.dtype))
+
+
+def linear_shared(
+    z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None, norm_weight_offset: float = 0.0, weight_transposed: bool = False,
+) -> Tensor:
+    """``F.linear(z, weight, bias)`` that keeps the norm's ``y_hat`` for backward instead of ``z``.
+
+    ``norm_weight``/``norm_bias``/``norm_weight_offset`` must be those that produced ``z`` from
+    ``y_hat``; they are only read to rebuild z for the weight gradient. ``weight_transposed=True``
+    takes a ``[in, out]`` weight (GPT-2's Conv1D: ``addmm(bias, z, weight)``).
+    """
+    if z.shape != y_hat.shape:
+        raise ValueError(f"z {tuple(z.shape)} and y_hat {tuple(y_hat.shape)} must have the same shape")
+    return torch.ops.approxbp.linear_shared(
+        z, y_hat, weight, bias, norm_weight, norm_bias, float(norm_weight_offset), weight_transposed)
