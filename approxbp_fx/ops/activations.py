@@ -76,7 +76,6 @@ ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
-    "identity": lambda x: x.clone(),  # the forward was computed elsewhere (decomposed forms)
 }
 
 _consts: dict[tuple, Tensor] = {}
@@ -161,7 +160,7 @@ def _(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple
 
 
 def _step_act_setup(ctx, inputs, output) -> None:
-    x, _fn, thresholds, levels = inputs
+    thresholds, levels = inputs[-2:]
     ctx.levels = tuple(levels)
     ctx.bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
     ctx.mark_non_differentiable(output[1])
@@ -177,6 +176,30 @@ def _step_act_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
 
 
 _step_act.register_autograd(_step_act_backward, setup_context=_step_act_setup)
+
+
+
+@torch.library.custom_op("approxbp::step_attach", mutates_args=())
+def _step_attach(x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+    """y (computed elsewhere from x.detach(), e.g. a decomposed GELU) with x's step derivative attached.
+
+    The copy of y is the price of keeping a decomposed forward bit for bit what it was.
+    """
+    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
+    return y.clone(), _encode(_rows(x, 8 // bits), _const(thresholds, x, _compute_dtype(x)))
+
+
+@_step_attach.register_fake
+def _(x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
+    return torch.empty_like(y), x.new_empty(_code_bytes(x, bits), dtype=torch.uint8)
+
+
+def _step_attach_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
+    return _step_act_backward(ctx, grad_y, _grad_code)[0], None, None, None
+
+
+_step_attach.register_autograd(_step_attach_backward, setup_context=_step_act_setup)
 
 _APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 

@@ -1,0 +1,202 @@
+"""The ``approxbp`` torch.compile backend: rewrite, verify, then compile with the chosen inner compiler.
+
+    torch.compile(model, backend="approxbp", options={"activations": False})
+    approxbp_fx.compile(model, inner="eager")
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .passes import run_passes
+from .report import Report, Site
+
+__all__ = ["Options", "approxbp_backend", "compile", "rewrite", "explain", "INNERS"]
+
+log = logging.getLogger("approxbp_fx")
+
+INNERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Backend options. ``activations``: Approx-BP at GELU/SiLU sites (approximate gradients).
+    ``norms``: MS-BP at norm -> linear sites (exact). ``inner``: what compiles the rewritten graph.
+    ``verify``: check the rewritten forward against the original on the example inputs."""
+
+    activations: bool = True
+    norms: bool = True
+    inner: str = "inductor"
+    verify: bool = True
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> "Options":
+        options = dict(options or {})
+        known = {f.name: f for f in fields(cls)}
+        for name, val in options.items():
+            if name not in known:
+                raise ValueError(f"approxbp: unknown option {name!r}; valid options are {sorted(known)}")
+            expected = type(getattr(cls, name))
+            if type(val) is not expected:
+                raise ValueError(f"approxbp: option {name!r} must be a {expected.__name__}, got {val!r}")
+        if options.get("inner", "inductor") not in INNERS:
+            raise ValueError(f"approxbp: option 'inner' must be one of {INNERS}, got {options['inner']!r}")
+        return cls(**options)
+
+    @property
+    def enabled(self) -> dict[str, bool]:
+        return {"activations": self.activations, "norms": self.norms}
+
+
+# explain() collects the reports of the graphs it compiles here
+_collectors: list[Report] = []
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _flat_tensors(out: Any) -> list[Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)]
+
+
+def _mismatch(expected: Any, actual: Any) -> str | None:
+    """None when the outputs agree within the dtype's tolerance, else what differs."""
+    exp, act = _flat_tensors(expected), _flat_tensors(actual)
+    if len(exp) != len(act):
+        return f"{len(act)} outputs instead of {len(exp)}"
+    for i, (e, a) in enumerate(zip(exp, act)):
+        if e.shape != a.shape or e.dtype != a.dtype:
+            return f"output {i}: {tuple(a.shape)} {a.dtype} instead of {tuple(e.shape)} {e.dtype}"
+        if not e.is_floating_point():
+            if not torch.equal(e, a):
+                return f"output {i} differs"
+            continue
+        err = (torch.linalg.vector_norm((a - e).double()) / (torch.linalg.vector_norm(e.double()) + 1e-30)).item()
+        if not err <= _TOLERANCE.get(e.dtype, 1e-4):  # also catches NaN
+            return f"output {i}: relative error {err:.2e} (tolerance {_TOLERANCE.get(e.dtype, 1e-4):.0e} for {e.dtype})"
+    return None
+
+
+def _run_isolated(gm: Callable[..., Any], example_inputs: Sequence[Any]) -> Any:
+    """Run a graph without side effects: RNG restored, inputs other than parameters copied first
+    (BatchNorm running statistics and in-place updated inputs stay as they were)."""
+    inputs = [t.detach().clone() if isinstance(t, Tensor) and not isinstance(t, nn.Parameter) else t
+              for t in example_inputs]
+    devices = [t.device for t in inputs if isinstance(t, Tensor) and t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})), torch.no_grad():
+        return gm(*inputs)
+
+
+def _verified_rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> tuple[fx.GraphModule, list[Site]]:
+    rewritten, sites = run_passes(gm, opts.enabled)
+    if not opts.verify or not any(s.rewritten for s in sites):
+        return rewritten, sites
+    expected = _run_isolated(gm, example_inputs)
+    problem = _mismatch(expected, _run_isolated(rewritten, example_inputs))
+    if problem is None:
+        return rewritten, sites
+    # Find the offending rewrites one by one, keep the others.
+    ids = [s.id for s in sites if s.rewritten]
+    bad: dict[str, str] = {}
+    for sid in ids:
+        alone, _ = run_passes(gm, opts.enabled, {o: "not under test" for o in ids if o != sid})
+        err = _mismatch(expected, _run_isolated(alone, example_inputs))
+        if err is not None:
+            bad[sid] = f"forward mismatch in verification ({err})"
+    if not bad:  # only a combination fails: keep nothing rather than guess
+        bad = {sid: f"forward mismatch in verification ({problem})" for sid in ids}
+    rewritten, sites = run_passes(gm, opts.enabled, bad)
+    if bad and _mismatch(expected, _run_isolated(rewritten, example_inputs)) is not None:
+        rewritten, sites = run_passes(gm, opts.enabled, {sid: bad.get(sid, "forward mismatch in verification") for sid in ids})
+    for s in sites:
+        if s.id in bad:
+            warnings.warn(f"approxbp: left {s.path} ({s.pattern}) unrewritten: {s.reason}", RuntimeWarning, stacklevel=2)
+    return rewritten, sites
+
+
+def _compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, mode: str | None) -> Callable[..., Any]:
+    if opts.inner == "eager":
+        return gm
+    if opts.inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+
+def approxbp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None,
+                     mode: str | None = None) -> Callable[..., Any]:
+    """Dynamo backend (registered as ``"approxbp"``): see the module and ``Options`` docstrings."""
+    opts = Options.parse(options)
+    rewritten, sites = _verified_rewrite(gm, example_inputs, opts)
+    report = Report(sites, [(gm, rewritten)])
+    if log.isEnabledFor(logging.INFO):
+        log.info("approxbp: graph with %d nodes\n%s", len(gm.graph.nodes), report)
+    for collector in _collectors:
+        collector.extend(report)
+    return _compile_inner(rewritten, example_inputs, opts, mode)
+
+
+def compile(model: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """``torch.compile(model, backend="approxbp", options=options)``, with the options checked now."""
+    Options.parse(options)
+    return torch.compile(model, backend="approxbp", options=options or None)
+
+
+def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, **options: Any) -> tuple[fx.GraphModule, Report]:
+    """Apply the passes to a ``torch.fx`` GraphModule (e.g. from ``symbolic_trace``) for eager training.
+
+    With ``example_inputs`` the graph is shape-propagated (for dtypes and byte estimates) and, unless
+    ``verify=False``, the rewritten forward is checked against the original. ``inner`` is ignored.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"rewrite expects a torch.fx.GraphModule, got {type(gm).__name__}")
+    opts = Options.parse(options)
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.random.fork_rng():
+            ShapeProp(gm).propagate(*example_inputs)
+        rewritten, sites = _verified_rewrite(gm, example_inputs, opts)
+    else:
+        rewritten, sites = run_passes(gm, opts.enabled)
+    return rewritten, Report(sites, [(gm, rewritten)])
+
+
+def explain(model: nn.Module | Callable[..., Any], *args: Any, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Report:
+    """What the backend does to ``model`` on these inputs: one traced forward, no backward, no optimizer
+    step; parameters, buffers and RNG state are left as they were."""
+    opts = dict(options or {})
+    opts.setdefault("inner", "eager")  # the rewrite decisions are the same; skip the inductor compile
+    Options.parse(opts)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, nn.Module) else []
+    report = Report()
+    _collectors.append(report)
+    try:
+        compiled = torch.compile(model, backend=approxbp_backend_with(opts), dynamic=False)
+        with torch.random.fork_rng():
+            compiled(*args, **kwargs)
+    finally:
+        _collectors.remove(report)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return report
+
+
+def approxbp_backend_with(options: Mapping[str, Any]) -> Callable[..., Any]:
+    """The backend with fixed options, as a callable for ``torch.compile(backend=...)``."""
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return approxbp_backend(gm, example_inputs, options=options)
+
+    return backend

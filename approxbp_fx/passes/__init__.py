@@ -1,0 +1,39 @@
+"""Graph passes, one file per family; ``PASSES`` is the order they run in."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+from ..report import Site
+from ._graph import cleanup
+from .activations import compress_activations
+from .norms import share_norm_outputs
+
+__all__ = ["PASSES", "run_passes", "compress_activations", "share_norm_outputs"]
+
+# (option that enables it, pass). Every pass: (gm, skip: {site id: reason}) -> sites; it edits gm.graph.
+PASSES: list[tuple[str, Callable[[fx.GraphModule, dict[str, str]], list[Site]]]] = [
+    ("norms", share_norm_outputs),
+    ("activations", compress_activations),
+]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own copy of the graph (node names kept) over the same submodules/attributes."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen  # keeps pytree in/out handling of symbolic_trace graphs
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def run_passes(gm: fx.GraphModule, enabled: dict[str, bool], skip: dict[str, str] | None = None) -> tuple[fx.GraphModule, list[Site]]:
+    """Run the enabled passes on a copy of ``gm``; ``gm`` itself is left as it was."""
+    new = copy_graph_module(gm)
+    sites: list[Site] = []
+    for option, rewrite in PASSES:
+        if enabled.get(option, True):
+            sites += rewrite(new, skip or {})
+    return cleanup(new), sites

@@ -1,0 +1,90 @@
+"""Shared helpers of the passes: argument normalisation, node metadata, clean-up."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+__all__ = ["arg", "value", "module_path", "target_module", "is_call", "cleanup", "tensor_bytes", "VIEW_METHODS"]
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, given positionally at ``index`` or as a keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def value(node: Any) -> torch.Tensor | None:
+    """The example (fake) tensor a node produces, when the tracer recorded it."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(v, torch.Tensor):
+        return v
+    tm = node.meta.get("tensor_meta")  # from ShapeProp, on symbolic_trace graphs
+    if isinstance(tm, TensorMetadata):
+        return torch.empty(tm.shape, dtype=tm.dtype, device="meta").requires_grad_(tm.requires_grad)
+    return None
+
+
+def tensor_bytes(node: Any) -> int:
+    v = value(node)
+    return 0 if v is None else v.numel() * v.element_size()
+
+
+def target_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def module_path(node: fx.Node) -> str:
+    """The user's module path of a node: from Dynamo's nn_module_stack, or the call_module target."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        # Dynamo spells paths as L['self'].encoder.layer[0] ; print them as the user writes them
+        for prefix in ("L['self'].", "L['fn'].", "L['self']", "L['fn']"):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+                break
+        return path.replace("[", ".").replace("]", "").replace("'", "") or node.name
+    return node.name
+
+
+def is_call(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+# Ops that only change how a tensor is viewed: a linear behind them still consumes the norm's output.
+VIEW_METHODS = ("view", "reshape", "contiguous", "flatten", "unflatten")
+VIEW_FUNCTIONS = (torch.reshape, torch.flatten)
+
+ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
+
+LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
+LAYER_NORM_FUNCTIONS = (F.layer_norm, torch.layer_norm)
+RMS_NORM_FUNCTIONS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f)
+
+
+def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
+    """The one clean-up every pass ends with."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,261 @@
+"""MS-BP: a norm and the linear layers after it share one saved tensor.
+
+    before:  z = layer_norm(x, gamma, beta)                  (or rms_norm, nn.LayerNorm, HF's decomposed
+             q = linear(z, Wq, bq); k = linear(z.view(..), Wk)   RMSNorm incl. Gemma's (1 + weight), ...)
+             h = x + z                                        (consumers that keep nothing are fine)
+    after:   z, y_hat, rstd = approxbp::norm_shared(x, gamma, beta, ...)
+             q = approxbp::linear_shared(z, y_hat, Wq, bq, gamma, beta, ...)
+             k = approxbp::linear_shared(z.view(..), y_hat.view(..), Wk, None, gamma, beta, ...)
+             h = x + z
+
+A norm is rewritten only when every consumer of its output is a linear layer (``linear``, nn.Linear,
+GPT-2's ``addmm``), possibly behind view/reshape, or an op that keeps nothing of it (add, dropout), and
+at least one of those linears would keep its own copy (its weight needs a gradient). Any other consumer
+might keep the output itself, so the site is left alone and the report names that consumer.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..report import Site
+from ._graph import (
+    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
+    is_call, module_path, target_module, tensor_bytes, value,
+)
+
+__all__ = ["share_norm_outputs"]
+
+_MUL = (operator.mul, torch.mul)
+_ADD = (operator.add, torch.add)
+_DROPOUT = (F.dropout, torch.dropout)
+
+
+@dataclass
+class _Norm:
+    z: fx.Node  # the output the graph uses
+    x: fx.Node
+    weight: fx.Node | None
+    bias: fx.Node | None
+    offset: float
+    ndim: int
+    eps: float
+    rms: bool
+    pattern: str
+    y_dtype: torch.dtype | None = None  # None: x's dtype
+    z_dtype: torch.dtype | None = None
+
+
+@dataclass
+class _Consumer:
+    node: fx.Node  # the linear (or addmm) call
+    chain: list[fx.Node] = field(default_factory=list)  # view ops between z and the linear
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
+    transposed: bool = False
+
+
+def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> fx.Node | None:
+    """A get_attr node for ``module.name`` of a call_module node (symbolic_trace graphs)."""
+    mod = target_module(gm, where)
+    if getattr(mod, name, None) is None:
+        return None
+    with gm.graph.inserting_before(where):
+        return gm.graph.get_attr(f"{where.target}.{name}")
+
+
+def _requires_grad(node: fx.Node | None, gm: fx.GraphModule) -> bool:
+    if node is None:
+        return False
+    if node.op == "get_attr":
+        t = gm
+        for part in str(node.target).split("."):
+            t = getattr(t, part)
+        return bool(getattr(t, "requires_grad", False))
+    v = value(node)
+    return True if v is None else bool(v.requires_grad)  # unknown: assume it does
+
+
+def _normalized_ndim(shape: object) -> int:
+    return 1 if isinstance(shape, int) else len(shape)  # type: ignore[arg-type]
+
+
+def _find_call_norm(gm: fx.GraphModule, n: fx.Node) -> _Norm | None:
+    if n.op == "call_function" and n.target in LAYER_NORM_FUNCTIONS:
+        return _Norm(n, arg(n, 0, "input"), arg(n, 2, "weight"), arg(n, 3, "bias"), 0.0,
+                     _normalized_ndim(arg(n, 1, "normalized_shape")), arg(n, 4, "eps", 1e-5), False, "layer_norm")
+    if n.op == "call_function" and n.target in RMS_NORM_FUNCTIONS:
+        x = arg(n, 0, "input")
+        eps = arg(n, 3, "eps")
+        if eps is None:
+            v = value(x)
+            eps = torch.finfo(v.dtype if v is not None else torch.float32).eps
+        return _Norm(n, x, arg(n, 2, "weight"), None, 0.0, _normalized_ndim(arg(n, 1, "normalized_shape")),
+                     eps, True, "rms_norm")
+    mod = target_module(gm, n)
+    if isinstance(mod, nn.LayerNorm) or isinstance(mod, getattr(nn, "RMSNorm", ())):
+        rms = not isinstance(mod, nn.LayerNorm)
+        eps = mod.eps if mod.eps is not None else torch.finfo(torch.float32).eps
+        return _Norm(n, n.args[0], _attr(gm, n, "weight"), None if rms else _attr(gm, n, "bias"), 0.0,
+                     len(mod.normalized_shape), eps, rms, type(mod).__name__)
+    return None
+
+
+def _single_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _cast_source(n: fx.Node) -> fx.Node:
+    """x for ``x.to(float32)`` / ``x.float()``, else n itself."""
+    if is_call(n, methods=("to", "float")) and len(n.all_input_nodes) == 1:
+        return n.args[0]
+    return n
+
+
+def _other(n: fx.Node, one: object) -> object:
+    a, b = n.args[0], n.args[1]
+    return b if a is one else a
+
+
+def _find_decomposed_rms(gm: fx.GraphModule, r: fx.Node) -> _Norm | None:
+    """HF's RMSNorm: h = x.to(f32); y = h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps); z = w * y.to(dt)."""
+    if not is_call(r, (torch.rsqrt,), ("rsqrt",)) or len(r.args) != 1:
+        return None
+    a = r.args[0]
+    if not (is_call(a, _ADD, ("add",)) and len(a.args) == 2 and len(a.all_input_nodes) == 1):
+        return None
+    m = a.all_input_nodes[0]
+    eps = _other(a, m)
+    if not isinstance(eps, float) or not is_call(m, (torch.mean,), ("mean",)):
+        return None
+    dim = arg(m, 1, "dim")
+    if dim not in (-1, [-1], (-1,)) or not arg(m, 2, "keepdim", False):
+        return None
+    p = m.args[0]
+    if not (is_call(p, (torch.pow, operator.pow), ("pow",)) and len(p.args) == 2 and p.args[1] == 2):
+        return None
+    h = p.args[0]
+    y = next((u for u in r.users if is_call(u, _MUL, ("mul",)) and set(u.args) == {h, r}), None)
+    if y is None or len(r.users) != 1 or len(a.users) != 1 or len(m.users) != 1 or len(p.users) != 1:
+        return None
+    inner = {h, p, m, a, r, y} if h is not _cast_source(h) else {p, m, a, r, y}
+    if any(u not in inner for u in h.users):
+        return None
+    x = _cast_source(h)
+    y_out, nxt = y, _single_user(y)  # y_hat as the model keeps it: after its cast, if any
+    if nxt is not None and is_call(nxt, methods=("to", "type_as")):
+        y_out, nxt = nxt, _single_user(nxt)
+    z, weight, offset = y_out, None, 0.0
+    if nxt is not None and is_call(nxt, _MUL, ("mul",)) and len(nxt.args) == 2:
+        weight, offset = _weight_factor(_other(nxt, y_out))
+        if weight is not None:
+            z = nxt
+            cast = _single_user(z)
+            if cast is not None and is_call(cast, methods=("to", "type_as")):
+                z = cast
+    yv, zv = value(y_out), value(z)
+    return _Norm(z, x, weight, None, offset, 1, eps, True, "rms_norm (decomposed)" + (", 1 + weight" if offset else ""),
+                 yv.dtype if yv is not None else None, zv.dtype if zv is not None else None)
+
+
+def _weight_factor(f: object) -> tuple[fx.Node | None, float]:
+    """(weight, offset) for a factor ``weight``, ``weight.float()`` or ``1 + weight`` (Gemma)."""
+    if not isinstance(f, fx.Node):
+        return None, 0.0
+    f = _cast_source(f)
+    offset = 0.0
+    if is_call(f, _ADD, ("add",)) and len(f.args) == 2 and len(f.all_input_nodes) == 1 and _other(f, f.all_input_nodes[0]) in (1, 1.0):
+        f, offset = _cast_source(f.all_input_nodes[0]), 1.0
+    if f.op in ("placeholder", "get_attr"):
+        return f, offset
+    return None, 0.0
+
+
+def _find_norm(gm: fx.GraphModule, n: fx.Node) -> _Norm | None:
+    return _find_call_norm(gm, n) or _find_decomposed_rms(gm, n)
+
+
+def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | None, int]:
+    """Linear consumers of z, the first consumer that blocks sharing (or None), and keep-nothing count."""
+    linears: list[_Consumer] = []
+    passive = 0
+    todo: list[tuple[fx.Node, list[fx.Node]]] = [(z, [])]
+    while todo:
+        cur, chain = todo.pop()
+        for u in cur.users:
+            if is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) and u.args[0] is cur:
+                todo.append((u, chain + [u]))
+            elif is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
+                linears.append(_Consumer(u, chain, arg(u, 1, "weight"), arg(u, 2, "bias")))
+            elif u.op == "call_module" and isinstance(target_module(gm, u), nn.Linear) and u.args[0] is cur:
+                linears.append(_Consumer(u, chain, _attr(gm, u, "weight"), _attr(gm, u, "bias")))
+            elif is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
+                linears.append(_Consumer(u, chain, u.args[2], u.args[0], transposed=True))
+            elif is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or is_call(u, _DROPOUT) or (
+                    u.op == "call_module" and isinstance(target_module(gm, u), nn.Dropout)):
+                passive += 1
+            else:
+                what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
+                return linears, f"consumer {u.name} ({what}) may keep its own copy of the output", passive
+    return linears, None, passive
+
+
+def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None) -> list[Site]:
+    """Rewrite every norm whose output can be shared with the linears after it (module docstring)."""
+    skip = skip or {}
+    sites: list[Site] = []
+    for n in list(gm.graph.nodes):
+        norm = _find_norm(gm, n)
+        if norm is None:
+            continue
+        linears, blocker, _ = _consumers(gm, norm.z)
+        pattern = f"{norm.pattern} -> {len(linears)} x linear"
+        site = Site(id=norm.z.name, path=module_path(n), pattern=pattern, rewritten=False)
+        sites.append(site)
+        xv = value(norm.x)
+        if norm.z.name in skip:
+            site.reason = skip[norm.z.name]
+        elif blocker is not None:
+            site.reason = blocker
+        elif not any(_requires_grad(c.weight, gm) for c in linears):
+            site.reason = "no consumer keeps its own copy of the output (no linear with a trainable weight)"
+        elif xv is not None and not xv.is_floating_point():
+            site.reason = f"input dtype {xv.dtype} is not floating point"
+        else:
+            _rewrite(gm, norm, linears)
+            site.rewritten = True
+            site.bytes_saved = tensor_bytes(norm.z)
+    return sites
+
+
+def _rewrite(gm: fx.GraphModule, norm: _Norm, linears: list[_Consumer]) -> None:
+    g = gm.graph
+    xv = value(norm.x)
+    x_dtype = xv.dtype if xv is not None else None
+    y_dtype = norm.y_dtype or x_dtype
+    z_dtype = norm.z_dtype or x_dtype
+    if y_dtype is None or z_dtype is None:
+        raise RuntimeError(f"approxbp: no dtype information for {norm.z.name}; run shape propagation first")
+    with g.inserting_before(norm.z):
+        triple = g.call_function(torch.ops.approxbp.norm_shared.default, (
+            norm.x, norm.weight, norm.bias, norm.offset, norm.ndim, float(norm.eps), norm.rms, y_dtype, z_dtype))
+        z = g.call_function(operator.getitem, (triple, 0))
+        y_hat = g.call_function(operator.getitem, (triple, 1))
+    z.meta.update({k: norm.z.meta[k] for k in ("nn_module_stack", "stack_trace", "example_value") if k in norm.z.meta})
+    norm.z.replace_all_uses_with(z)
+    for c in linears:
+        with g.inserting_before(c.node):
+            shared = y_hat
+            for view in c.chain:  # the same views the linear's input went through
+                shared = g.node_copy(view, lambda a, v=view, s=shared: s if a is v.args[0] else a)
+            linear_input = c.node.args[1] if c.transposed else (c.node.args[0] if c.node.args else c.node.kwargs["input"])
+            new = g.call_function(torch.ops.approxbp.linear_shared.default, (
+                linear_input, shared, c.weight, c.bias, norm.weight, norm.bias, norm.offset, c.transposed))
+        new.meta.update({k: c.node.meta[k] for k in ("nn_module_stack", "stack_trace", "example_value") if k in c.node.meta})
+        c.node.replace_all_uses_with(new)

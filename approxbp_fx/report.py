@@ -1,0 +1,63 @@
+"""What a rewrite did, site by site: the account ``explain`` prints and the backend logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+__all__ = ["Site", "Report"]
+
+
+@dataclass
+class Site:
+    """One place in a graph where a pattern was found."""
+
+    id: str  # the anchor node's name in the original graph: stable across re-runs of the passes
+    path: str  # module path (``encoder.layer.0.output.LayerNorm``) or the node name
+    pattern: str  # e.g. "layer_norm -> 3 x linear", "gelu(tanh)", "gelu_new (decomposed)"
+    rewritten: bool
+    reason: str = ""  # why it was skipped; empty when rewritten
+    bytes_saved: int = 0  # estimate from shapes, for one call
+    constants: str = ""  # the step derivative used, for activations
+
+    @property
+    def action(self) -> str:
+        return "rewritten" if self.rewritten else f"skipped: {self.reason}"
+
+
+@dataclass
+class Report:
+    """Sites of every graph the backend saw, with ``graphs`` = [(original, rewritten) GraphModules]."""
+
+    sites: list[Site] = field(default_factory=list)
+    graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[Site]:
+        return [s for s in self.sites if s.rewritten]
+
+    @property
+    def skipped(self) -> list[Site]:
+        return [s for s in self.sites if not s.rewritten]
+
+    @property
+    def bytes_saved(self) -> int:
+        return sum(s.bytes_saved for s in self.rewritten)
+
+    def extend(self, other: "Report") -> None:
+        self.sites += other.sites
+        self.graphs += other.graphs
+
+    def __str__(self) -> str:
+        rows = [("site", "pattern", "action", "est. bytes saved")]
+        rows += [(s.path, s.pattern + (f" [{s.constants}]" if s.constants else ""), s.action, f"{s.bytes_saved:,}")
+                 for s in self.sites]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped, in {len(self.graphs)} graph(s); "
+            f"estimated bytes saved per forward: {self.bytes_saved:,}"
+        )
+        return "\n".join(lines)
