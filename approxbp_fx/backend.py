@@ -130,7 +130,11 @@ def _compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Opti
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    from .passes.steer_partitioner import SteeringPartitioner, lower_to_traceable
+
+    patches = dict(list_mode_options(mode) if mode else {})
+    patches["custom_partitioner_fn"] = SteeringPartitioner()
+    return compile_fx(lower_to_traceable(gm), example_inputs, config_patches=patches)
 
 
 def approxbp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None,

@@ -57,17 +57,20 @@ def _norm_forward(
     y_dtype: torch.dtype, z_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x is [rows, D]; returns z, y_hat [rows, D] and rstd [rows, 1] (float32 or float64)."""
+    y, rstd = normalize(x, eps, rms)
+    # z from the unrounded y: the same rounding as an unrewritten norm
+    return _affine(y, weight, bias, offset, z_dtype), y.to(y_dtype), rstd
+
+
+def normalize(x: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
+    """Rows of x normalized (in float32, or float64 for float64 input) and rstd [rows, 1]."""
     xf = x.to(_compute_dtype(x))
     if rms:
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = xf * rstd
-    else:
-        var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
-        y = (xf - mean) * rstd
-    y_hat = y.to(y_dtype)
-    # z from the unrounded y: the same rounding as an unrewritten norm
-    return _affine(y, weight, bias, offset, z_dtype), y_hat, rstd
+        return xf * rstd, rstd
+    var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (xf - mean) * rstd, rstd
 
 
 @fused
@@ -152,7 +155,11 @@ def _linear_shared(
     z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
     norm_bias: Tensor | None, norm_weight_offset: float, weight_transposed: bool,
 ) -> Tensor:
-    if weight_transposed:  # GPT-2's Conv1D: addmm(bias, z, W) with W of shape [in, out]
+    return linear_forward(z, weight, bias, weight_transposed)
+
+
+def linear_forward(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    if transposed:  # GPT-2's Conv1D: addmm(bias, z, W) with W of shape [in, out]
         out = z.reshape(-1, z.shape[-1]) @ weight
         if bias is not None:
             out = out + bias
