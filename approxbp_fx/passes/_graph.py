@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Sequence
 
 import torch
@@ -52,11 +53,9 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        # Dynamo spells paths as L['self'].encoder.layer[0] ; print them as the user writes them
-        for prefix in ("L['self'].", "L['fn'].", "L['self']", "L['fn']"):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-                break
+        # Dynamo spells paths as L['self'].encoder.layer[0] (or L['args'][0]. ... behind a wrapper);
+        # print them as the user writes them
+        path = re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path)
         return path.replace("[", ".").replace("]", "").replace("'", "") or node.name
     return node.name
 
@@ -74,6 +73,15 @@ def is_call(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = (
 # Ops that only change how a tensor is viewed: a linear behind them still consumes the norm's output.
 VIEW_METHODS = ("view", "reshape", "contiguous", "flatten", "unflatten")
 VIEW_FUNCTIONS = (torch.reshape, torch.flatten)
+
+def is_basic_index(node: fx.Node) -> bool:
+    """``t[...]`` with slices, ints, None and Ellipsis only: a view of t."""
+    if not is_call(node, (operator.getitem,)) or len(node.args) != 2:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index) and not any(
+        isinstance(i, slice) and any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)) for i in index)
+
 
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..report import Site
 from ._graph import (
-    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
+    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, is_basic_index, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
     is_call, module_path, target_module, tensor_bytes, value,
 )
 
@@ -182,14 +182,14 @@ def _find_norm(gm: fx.GraphModule, n: fx.Node) -> _Norm | None:
 
 
 def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | None, int]:
-    """Linear consumers of z, the first consumer that blocks sharing (or None), and keep-nothing count."""
+    """Linear consumers of z, the first consumer that blocks sharing (or None), and how many dropouts."""
     linears: list[_Consumer] = []
-    passive = 0
+    dropouts = 0
     todo: list[tuple[fx.Node, list[fx.Node]]] = [(z, [])]
     while todo:
         cur, chain = todo.pop()
         for u in cur.users:
-            if is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) and u.args[0] is cur:
+            if (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_basic_index(u)) and u.args[0] is cur:
                 todo.append((u, chain + [u]))
             elif is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
                 linears.append(_Consumer(u, chain, arg(u, 1, "weight"), arg(u, 2, "bias")))
@@ -197,13 +197,14 @@ def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | N
                 linears.append(_Consumer(u, chain, _attr(gm, u, "weight"), _attr(gm, u, "bias")))
             elif is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
                 linears.append(_Consumer(u, chain, u.args[2], u.args[0], transposed=True))
-            elif is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or is_call(u, _DROPOUT) or (
-                    u.op == "call_module" and isinstance(target_module(gm, u), nn.Dropout)):
-                passive += 1
+            elif is_call(u, ADD_FUNCTIONS, ("add", "__add__")):
+                continue  # keeps nothing
+            elif is_call(u, _DROPOUT) or (u.op == "call_module" and isinstance(target_module(gm, u), nn.Dropout)):
+                dropouts += 1  # keeps a mask, and what follows keeps dropout's output: a different tensor
             else:
                 what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
-                return linears, f"consumer {u.name} ({what}) may keep its own copy of the output", passive
-    return linears, None, passive
+                return linears, f"consumer {u.name} ({what}) may keep its own copy of the output", dropouts
+    return linears, None, dropouts
 
 
 def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None) -> list[Site]:
@@ -214,7 +215,7 @@ def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None) -
         norm = _find_norm(gm, n)
         if norm is None:
             continue
-        linears, blocker, _ = _consumers(gm, norm.z)
+        linears, blocker, dropouts = _consumers(gm, norm.z)
         pattern = f"{norm.pattern} -> {len(linears)} x linear"
         site = Site(id=norm.z.name, path=module_path(n), pattern=pattern, rewritten=False)
         sites.append(site)
@@ -224,7 +225,8 @@ def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None) -
         elif blocker is not None:
             site.reason = blocker
         elif not any(_requires_grad(c.weight, gm) for c in linears):
-            site.reason = "no consumer keeps its own copy of the output (no linear with a trainable weight)"
+            site.reason = ("nothing to share: no linear with a trainable weight reads the output"
+                           + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
         elif xv is not None and not xv.is_floating_point():
             site.reason = f"input dtype {xv.dtype} is not floating point"
         else:
