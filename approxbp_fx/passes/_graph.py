@@ -56,6 +56,7 @@ def module_path(node: fx.Node) -> str:
         # Dynamo spells paths as L['self'].encoder.layer[0] (or L['args'][0]. ... behind a wrapper);
         # print them as the user writes them
         path = re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path)
+        path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path).lstrip(".")
         return path.replace("[", ".").replace("]", "").replace("'", "") or node.name
     return node.name
 
