@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["arg", "value", "module_path", "target_module", "is_call", "cleanup", "tensor_bytes", "VIEW_METHODS"]
+__all__ = ["arg", "value", "module_path", "target_module", "is_call", "cleanup", "has_side_effects", "tensor_bytes", "VIEW_METHODS"]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -91,9 +91,22 @@ LAYER_NORM_FUNCTIONS = (F.layer_norm, torch.layer_norm)
 RMS_NORM_FUNCTIONS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f)
 
 
+def has_side_effects(node: fx.Node) -> bool:
+    """Nodes dead-code elimination must keep: fx's impure ones and in-place calls (``x.add_(1)``,
+    BatchNorm's ``num_batches_tracked.add_``), whose results are typically unused."""
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     """The one clean-up every pass ends with."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
     gm.graph.lint()
     gm.recompile()
     return gm
