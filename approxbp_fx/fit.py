@@ -26,12 +26,17 @@ approach their asymptote more slowly than the scan can confirm) has no natural e
 ``max(6, extent of the other side)`` from 0 (6 ~ the paper's GELU bound for tol = 1e-8) and left
 unconstrained there. Each side reaches at least 1 from 0. Pass ``interval=(L, R)`` to override.
 
-With the paper's own truncation (GELU: [-6.07, 6.07]; SiLU: [-38.1, 38.1], both from tol = 1e-8 in their
-script), with ours (GELU: about [-5.9, 5.9]; SiLU: about [-22, 22]), or with any interval wider than about
-+-4 (GELU) / +-8 (SiLU), the optimum is the same to 1e-3: the thresholds are the symmetric
-+-3.171 (GELU) and +-6.320 (SiLU) around 0. The paper's published constants (found by simulated
-annealing) sit 0.005-0.019 away from these in the thresholds, on a flat stretch of the objective: their error
-is 2e-6 (GELU) and 1e-7 (SiLU) above the optimum's. Levels agree to 1e-3.
+Reproducing the paper. Their search script truncates at GELU: [-6.07, 6.07], SiLU: [-38.2, 38.2] (both from
+tol = 1e-8, by bounds of their own); ours gives about [-5.9, 5.9] and [-21.5, 21.5]. With either, and with any
+symmetric interval wider than about +-3.2 (GELU) / +-6.5 (SiLU), the optimum is the same: thresholds
+(-3.1713, 0, 3.1713), levels (0, -0.0496, 1.0496, 1) for GELU; (-6.3199, 0, 6.3199), (0, -0.0405, 1.0405, 1)
+for SiLU. It is exactly symmetric, since f(x) - ReLU(x) is even for both. The published constants (simulated
+annealing) are not: their thresholds sit up to 0.0195 (GELU: -0.0146, -0.0012, +0.0195) and 0.0149 (SiLU:
++0.0149, -0.0009, +0.0059) from the optimum, on a flat stretch of the objective, with an L2 error 2.4e-6
+(GELU: 9.5093e-3 vs 9.5069e-3) and 2.5e-6 (SiLU: 3.9944e-2 vs 3.9941e-2) above it, confirmed by adaptive
+quadrature. Levels agree to 1e-3. No interval reproduces their thresholds to 1e-2: the optimum does not move
+with the interval until the interval cuts into it, and then the thresholds pin to its ends (they are searched
+inside (L, R)).
 
 The optimisation. For fixed thresholds c, (s0, b, a) solve a linearly constrained least-squares problem (its KKT
 system), so only c is searched: L-BFGS in float64 on the reduced objective, with autograd through the KKT solve,
@@ -41,7 +46,8 @@ them strictly increasing and inside (L, R). The objective uses f's piecewise-lin
 with the ReLU kinks integrated exactly, so it is smooth in c. The reported ``error`` is the objective evaluated
 independently: the trapezoid rule on ``QUAD_POINTS`` uniform points over [L, R] of (h - f)**2.
 
-Deterministic (fixed starts, float64, CPU); well under a second per fit for bits 1-3.
+Deterministic (fixed starts, float64, CPU): about 0.1-0.5 s per fit for bits 1-3 on one core, plus about 1.5 s once
+per process for torch.optim's first use.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from .ops.activations import StepDerivative
 __all__ = ["fit_step_derivative", "fit_interval", "Interval", "QUAD_POINTS", "step_error"]
 
 #: Uniform points of the trapezoid rule that defines ``StepDerivative.error`` (and the objective's grid).
-QUAD_POINTS = 1 << 16 | 1
+QUAD_POINTS = 65537
 _SCAN_MAX = 256.0  # how far out asymptotes are looked for
 _SCAN_STEP = 1.0 / 64
 _NO_ASYMPTOTE_EXTENT = 6.0
@@ -236,7 +242,7 @@ class _Objective:
 
 
 def _starts(obj: _Objective, k: int) -> list[Tensor]:
-    """Deterministic initial thresholds: uniform, and curvature quantiles spread by 1, 2, 1/2, 3/2, 3/4."""
+    """Deterministic initial thresholds: uniform, and curvature quantiles spread by 1, 2, 1/2, 3/2, 3/4, 0.35."""
     lo, hi = obj.lo, obj.hi
     frac = (torch.arange(k, dtype=_DT) + 1) / (k + 1)
     out = [lo + (hi - lo) * frac]
@@ -248,7 +254,7 @@ def _starts(obj: _Objective, k: int) -> list[Tensor]:
         idx = torch.searchsorted(cdf, qs).clamp(max=len(cdf) - 1)
         cq = obj.x[1:-1][idx]
         mid = cq.mean() if k > 1 else torch.tensor((lo + hi) / 2, dtype=_DT)
-        for s in (1.0, 2.0, 0.5, 1.5, 0.75):
+        for s in (1.0, 2.0, 0.5, 1.5, 0.75, 0.35):
             out.append(mid + s * (cq - mid) if k > 1 else cq * s)
     res = []
     margin = 1e-3 * (hi - lo)
@@ -266,21 +272,25 @@ def _starts(obj: _Objective, k: int) -> list[Tensor]:
 def _optimize(obj: _Objective, c0: Tensor) -> tuple[float, Tensor]:
     gaps = torch.cat([c0[:1] - obj.lo, c0.diff(), obj.hi - c0[-1:]])
     z = gaps.log().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], lr=1, max_iter=200, history_size=20, tolerance_grad=1e-13,
-                            tolerance_change=1e-16, line_search_fn="strong_wolfe")
+    with torch.no_grad():
+        scale = float(obj.solve(c0)[1]) or 1.0  # optimise E / E(c0): tolerances relative to the start
+    opt = torch.optim.LBFGS([z], lr=1, max_iter=100, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
         _, e = obj.solve(obj.thresholds(z))
+        e = e / scale
         e.backward()
         return e
 
     prev = math.inf
-    for _ in range(3):
-        e = float(opt.step(closure))
-        if not e < prev - 1e-15:
+    for _ in range(3):  # L-BFGS restarts from a fresh history
+        e = float(opt.step(closure).detach())
+        if not e < prev * (1 - 1e-9):
             break
         prev = e
+        opt.state.clear()
     with torch.no_grad():
         c = obj.thresholds(z)
         _, e = obj.solve(c)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 from typing import Callable, TypeVar
 
 import torch
@@ -44,19 +45,37 @@ def is_tracing(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and is_fake(t) for t in tensors)
 
 
+def _variant_key(args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple((a.dtype, a.device.type, a.dim()) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+
+
+def _fresh_copy(fn: Callable[..., object], n: int) -> Callable[..., object]:
+    """fn with a code object of its own: Dynamo's recompile limit (8) counts per code object, and one
+    body serves many argument combinations (dtypes, which gradients are needed, bias or not)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_v{n}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 def fused(fn: F) -> F:
-    """Decorator: run ``fn`` through ``torch.compile`` on real tensors, directly when traced."""
-    compiled: Callable[..., object] | None = None
+    """Decorator: run ``fn`` through ``torch.compile`` on real tensors, directly when traced.
+
+    Each combination of non-tensor arguments and tensor dtypes gets its own compiled copy.
+    """
+    variants: dict[tuple[object, ...], Callable[..., object]] = {}
     broken = False
 
     @functools.wraps(fn)
     def wrapper(*args: object) -> object:
-        nonlocal compiled, broken
+        nonlocal broken
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if broken or kernel_mode() == "eager" or is_tracing(*tensors):
             return fn(*args)
+        key = _variant_key(args)
+        compiled = variants.get(key)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = variants[key] = torch.compile(_fresh_copy(fn, len(variants)), dynamic=True, fullgraph=True)
         try:
             return compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as exc:
