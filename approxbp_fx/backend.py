@@ -83,11 +83,21 @@ def _mismatch(expected: Any, actual: Any) -> str | None:
     return None
 
 
+def _concrete(a: Any) -> Any:
+    """A copy of a non-parameter tensor input; the hint of a symbolic size (dynamic-shape recompiles)."""
+    if isinstance(a, nn.Parameter):
+        return a
+    if isinstance(a, Tensor):
+        return a.detach().clone()
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return a.node.hint
+    return a
+
+
 def _run_isolated(gm: Callable[..., Any], example_inputs: Sequence[Any]) -> Any:
     """Run a graph without side effects: RNG restored, inputs other than parameters copied first
     (BatchNorm running statistics and in-place updated inputs stay as they were)."""
-    inputs = [t.detach().clone() if isinstance(t, Tensor) and not isinstance(t, nn.Parameter) else t
-              for t in example_inputs]
+    inputs = [_concrete(t) for t in example_inputs]
     devices = [t.device for t in inputs if isinstance(t, Tensor) and t.device.type == "cuda"]
     with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})), torch.no_grad():
         return gm(*inputs)

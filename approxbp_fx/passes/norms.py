@@ -246,7 +246,7 @@ def _rewrite(gm: fx.GraphModule, norm: _Norm, linears: list[_Consumer]) -> None:
         raise RuntimeError(f"approxbp: no dtype information for {norm.z.name}; run shape propagation first")
     with g.inserting_before(norm.z):
         triple = g.call_function(torch.ops.approxbp.norm_shared.default, (
-            norm.x, norm.weight, norm.bias, norm.offset, norm.ndim, float(norm.eps), norm.rms, y_dtype, z_dtype))
+            norm.x, norm.weight, norm.bias, norm.offset, norm.ndim, norm.eps if isinstance(norm.eps, fx.Node) else float(norm.eps), norm.rms, y_dtype, z_dtype))
         z = g.call_function(operator.getitem, (triple, 0))
         y_hat = g.call_function(operator.getitem, (triple, 1))
     z.meta.update({k: norm.z.meta[k] for k in ("nn_module_stack", "stack_trace", "example_value") if k in norm.z.meta})
