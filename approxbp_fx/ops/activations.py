@@ -15,6 +15,7 @@ graph where inductor fuses the unpacking with the surrounding gradient math.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -92,6 +93,24 @@ def _const(values: Sequence[float], ref: Tensor, dtype: torch.dtype) -> Tensor:
     return t
 
 
+def _round_down_f32(c: float) -> float:
+    """The largest float32 <= c (pure Python: it also runs while a tracer holds fake tensors)."""
+    r = struct.unpack("f", struct.pack("f", c))[0]
+    if r <= c:
+        return r
+    bits = struct.unpack("I", struct.pack("f", r))[0]
+    bits = bits - 1 if r > 0 else (bits + 1 if r < 0 else 0x80000001)
+    return struct.unpack("f", struct.pack("I", bits))[0]
+
+
+def _thresholds(thresholds: Sequence[float], x: Tensor) -> Tensor:
+    """Thresholds in x's compute dtype, each rounded down: for x in that dtype, x > round_down(c)
+    exactly when x > c (rounding to nearest could move c past an input equal to the rounded value)."""
+    dtype = _compute_dtype(x)
+    values = list(thresholds) if dtype == torch.float64 else [_round_down_f32(c) for c in thresholds]
+    return _const(values, x, dtype)
+
+
 @fused
 def _encode(x: Tensor, thresholds: Tensor) -> Tensor:
     """Pack k = #{i: x > thresholds[i]} row-wise: x is [m, per_byte], the result [m] uint8.
@@ -149,7 +168,7 @@ def _step_act(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) 
     """y = fn(x) and the packed step code of x. ``levels`` is only read by the backward."""
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
     y = ACTIVATIONS[fn](x)
-    code = _encode(_rows(x, 8 // bits), _const(thresholds, x, _compute_dtype(x)))
+    code = _encode(_rows(x, 8 // bits), _thresholds(thresholds, x))
     return y, code
 
 
@@ -186,7 +205,7 @@ def _step_attach(x: Tensor, y: Tensor, thresholds: list[float], levels: list[flo
     The copy of y is the price of keeping a decomposed forward bit for bit what it was.
     """
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
-    return y.clone(), _encode(_rows(x, 8 // bits), _const(thresholds, x, _compute_dtype(x)))
+    return y.clone(), _encode(_rows(x, 8 // bits), _thresholds(thresholds, x))
 
 
 @_step_attach.register_fake

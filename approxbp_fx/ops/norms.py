@@ -99,7 +99,10 @@ def _norm_shared(
     eps: float, rms: bool, y_dtype: torch.dtype, z_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     rows = x.reshape(-1, _row_size(x, normalized_ndim))
-    z, y_hat, rstd = _norm_forward(rows, weight, bias, weight_offset, eps, rms, y_dtype, z_dtype)
+    flat = [None if t is None else t.reshape(-1) for t in (weight, bias)]
+    z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype)
+    if z is y_hat:  # no affine and no cast: a custom op's outputs must not alias each other
+        z = z.clone()
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
     return z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
 

@@ -229,6 +229,8 @@ def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None) -
                            + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
         elif xv is not None and not xv.is_floating_point():
             site.reason = f"input dtype {xv.dtype} is not floating point"
+        elif norm.ndim != 1:
+            site.reason = f"normalized over {norm.ndim} dims; the linears read the last one"
         else:
             _rewrite(gm, norm, linears)
             site.rewritten = True

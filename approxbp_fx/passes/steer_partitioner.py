@@ -49,7 +49,7 @@ class _StepAct(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, y: Tensor | None, fn: str, thresholds: list[float], levels: list[float]) -> Tensor:
         step = act.StepDerivative(tuple(thresholds), tuple(levels))
         with annotate(_region()):
-            code = act._encode(act._rows(x, 8 // step.bits), act._const(thresholds, x, act._compute_dtype(x)))
+            code = act._encode(act._rows(x, 8 // step.bits), act._thresholds(thresholds, x))
         ctx.save_for_backward(code)
         ctx.levels, ctx.bits = tuple(levels), step.bits
         return act.ACTIVATIONS[fn](x) if y is None else y.clone()
@@ -68,7 +68,7 @@ class _NormShared(torch.autograd.Function):
             y, rstd = norms.normalize(rows, eps, rms)
             y_hat = y.to(y_dtype)
         with annotate({_TAG: _RECOMPUTE}):
-            z = norms._affine(y_hat, weight, bias, offset, z_dtype)
+            z = norms._affine(y_hat, *(None if t is None else t.reshape(-1) for t in (weight, bias)), offset, z_dtype)
         stat_shape = x.shape[: x.dim() - ndim] + (1,) * ndim
         z, y_hat, rstd = z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
         norms._norm_setup(ctx, (x, weight, bias, offset, ndim, eps, rms, y_dtype, z_dtype), (z, y_hat, rstd))

@@ -1,0 +1,37 @@
+"""Shared fixtures: every test starts from the same RNG state and a clean Dynamo cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+# The ops compile their bodies once per argument combination (dtype, bias or not, which grads are
+# needed, ...). One test process visits far more combinations than a model does; without this, which
+# tests hit Dynamo's per-function limit (8) would depend on test order.
+# tests/ops/test_norms.py::test_ops_survive_dynamos_recompile_limit lowers it again on purpose (with config.patch).
+torch._dynamo.config.recompile_limit = 64
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Reset Dynamo before and after a test that compiles, so graphs from other tests never leak in."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def eager_kernels(monkeypatch):
+    """Run the ops' bodies as plain torch code instead of compiled kernels (``APPROXBP_FX_KERNELS=eager``).
+
+    For finite-difference checks of the math: they call the ops hundreds of times over many argument
+    combinations, and each combination would otherwise be compiled once. The compiled kernels are
+    checked against these bodies separately.
+    """
+    monkeypatch.setenv("APPROXBP_FX_KERNELS", "eager")

@@ -1,0 +1,341 @@
+"""MS-LayerNorm / MS-RMSNorm and the consumer linear (``approxbp::norm_shared``, ``approxbp::linear_shared``).
+
+References: ``torch.autograd.gradcheck`` in float64 (finite differences, independent of the hand-written
+backwards), ``F.layer_norm``/``F.linear`` and a hand-written RMSNorm for the forward, plain autograd
+for the frozen-weight gradients, and byte counts computed from shapes for what is kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from approxbp_fx import saved_activation_bytes
+from approxbp_fx.ops import linear_shared, ms_layer_norm, ms_rms_norm
+
+SHAPES = [(3, 5, 7), (1, 1, 33)]
+OUT = 4  # the linear's out_features
+
+
+def rand(*shape, dtype=torch.float64, requires_grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+
+
+def rms_norm_reference(x, weight=None, eps=1e-6, offset=0.0):
+    """HF LLaMA-style RMSNorm, written out (offset=1 is Gemma's ``1 + weight``)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (weight.float() + offset)
+    return y.to(x.dtype)
+
+
+# --- norm configurations: (id, builder(x, D) -> (norm params, fn(x, *params) -> SharedNorm, linear kwargs)) ---
+
+def _layer(has_w, has_b):
+    def build(d):
+        params = [rand(d) if has_w else None, rand(d) if has_b else None]
+
+        def norm(x, w, b):
+            return ms_layer_norm(x, x.shape[-1], w, b)
+
+        def link(w, b):
+            return {"norm_weight": w, "norm_bias": b}
+
+        return params, norm, link
+    return build
+
+
+def _rms(has_w, offset):
+    def build(d):
+        params = [rand(d) if has_w else None]
+
+        def norm(x, w):
+            return ms_rms_norm(x, x.shape[-1], w, weight_offset=offset)
+
+        def link(w):
+            return {"norm_weight": w, "norm_weight_offset": offset}
+
+        return params, norm, link
+    return build
+
+
+NORMS = {
+    "ln": _layer(True, True),
+    "ln_no_affine": _layer(False, False),
+    "ln_weight_only": _layer(True, False),
+    "ln_bias_only": _layer(False, True),
+    "rms": _rms(True, 0.0),
+    "rms_gemma": _rms(True, 1.0),
+    "rms_no_weight": _rms(False, 0.0),
+}
+
+
+def _gradcheck(fn, inputs):
+    present = [t for t in inputs if t is not None]
+    assert torch.autograd.gradcheck(lambda *ts: fn(*_refill(inputs, ts)), present, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _refill(template, present):
+    it = iter(present)
+    return [None if t is None else next(it) for t in template]
+
+
+@pytest.mark.usefixtures("eager_kernels")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("norm_id", sorted(NORMS))
+def test_gradcheck_norm(norm_id, shape):
+    params, norm, _ = NORMS[norm_id](shape[-1])
+    x = rand(*shape)
+    _gradcheck(lambda x, *p: norm(x, *p).z, [x, *params])
+
+
+@pytest.mark.usefixtures("eager_kernels")
+def test_gradcheck_layer_norm_over_two_dims():
+    x, w, b = rand(3, 5, 7), rand(5, 7), rand(5, 7)
+    _gradcheck(lambda x, w, b: ms_layer_norm(x, (5, 7), w, b).z, [x, w, b])
+    _gradcheck(lambda x: ms_rms_norm(x, (5, 7)).z, [x])
+
+
+LINEAR_CASES = list(itertools.product([True, False], [False, True], [False, True]))  # bias, transposed, frozen
+LINEAR_IDS = [f"{'bias' if b else 'nobias'}-{'WT' if t else 'W'}-{'frozen' if f else 'trainable'}"
+              for b, t, f in LINEAR_CASES]
+
+
+@pytest.mark.usefixtures("eager_kernels")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("has_bias,transposed,frozen", LINEAR_CASES, ids=LINEAR_IDS)
+@pytest.mark.parametrize("norm_id", sorted(NORMS))
+def test_gradcheck_norm_then_linear(norm_id, has_bias, transposed, frozen, shape):
+    d = shape[-1]
+    params, norm, link = NORMS[norm_id](d)
+    x = rand(*shape)
+    weight = rand(*((d, OUT) if transposed else (OUT, d)), requires_grad=not frozen)
+    bias = rand(OUT) if has_bias else None
+
+    def chain(x, w_lin, b_lin, *p):
+        z, y_hat, _ = norm(x, *p)
+        out = linear_shared(z, y_hat, w_lin, b_lin, weight_transposed=transposed, **link(*p))
+        return out, z  # z also used directly (a residual): both paths must be right
+
+    if frozen:
+        _gradcheck(lambda x, b, *p: chain(x, weight, b, *p), [x, bias, *params])
+    else:
+        _gradcheck(chain, [x, weight, bias, *params])
+
+
+@pytest.mark.usefixtures("eager_kernels")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradcheck_linear_alone(transposed):
+    """The consumer with z computed outside from a detached y_hat: grads of z, W, b (and gamma, beta via z)."""
+    y_hat = torch.randn(3, 5, 7, dtype=torch.float64)
+    gamma, beta = rand(7), rand(7)
+    weight = rand(*((7, OUT) if transposed else (OUT, 7)))
+    bias = rand(OUT)
+
+    def fn(gamma, beta, weight, bias):
+        z = y_hat * gamma + beta
+        return linear_shared(z, y_hat, weight, bias, gamma, beta, weight_transposed=transposed)
+
+    _gradcheck(fn, [gamma, beta, weight, bias])
+
+
+# --- forward numerics --------------------------------------------------------------------------------
+
+def _rel_close(actual, expected, rtol=1e-5):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= rtol * scale, f"max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 256)], ids=str)
+def test_forward_layer_norm_and_linear_match_torch(shape):
+    d = shape[-1]
+    x = torch.randn(shape) * 3 + 1
+    w, b = torch.randn(d), torch.randn(d)
+    weight, bias = torch.randn(OUT, d), torch.randn(OUT)
+    z, y_hat, rstd = ms_layer_norm(x, d, w, b)
+    ref = F.layer_norm(x, (d,), w, b)
+    assert z.dtype == y_hat.dtype == torch.float32 and z.shape == y_hat.shape == x.shape
+    _rel_close(z, ref)
+    _rel_close(y_hat, F.layer_norm(x, (d,)))
+    _rel_close(rstd.reshape(-1), torch.rsqrt(x.var(-1, unbiased=False) + 1e-5).reshape(-1))
+    _rel_close(linear_shared(z, y_hat, weight, bias, w, b), F.linear(ref, weight, bias))
+    _rel_close(linear_shared(z, y_hat, weight.t().contiguous(), bias, w, b, weight_transposed=True),
+               torch.addmm(bias, ref.reshape(-1, d), weight.t()).reshape(*shape[:-1], OUT))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 256)], ids=str)
+def test_forward_rms_norm_matches_hand_written(shape, offset):
+    d = shape[-1]
+    x = torch.randn(shape) * 3
+    w = torch.randn(d)
+    weight = torch.randn(OUT, d)
+    z, y_hat, _ = ms_rms_norm(x, d, w, weight_offset=offset)
+    ref = rms_norm_reference(x, w, offset=offset)
+    _rel_close(z, ref)
+    _rel_close(y_hat, rms_norm_reference(x))
+    _rel_close(linear_shared(z, y_hat, weight, None, w, norm_weight_offset=offset), F.linear(ref, weight))
+
+
+def test_invalid_arguments():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError):
+        ms_layer_norm(x, 5)
+    with pytest.raises(ValueError):
+        ms_rms_norm(x, (3, 5))
+    with pytest.raises(TypeError):
+        ms_layer_norm(torch.ones(2, 4, dtype=torch.int64), 4)
+    z, y_hat, _ = ms_layer_norm(x, 4, torch.ones(4))
+    with pytest.raises(ValueError):
+        linear_shared(z, y_hat[:1], torch.randn(3, 4))
+
+
+# --- registration -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_opcheck_norm_shared(shape):
+    d = shape[-1]
+    x = torch.randn(shape, requires_grad=True)
+    w, b = torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True)
+    f32 = torch.float32
+    op = torch.ops.approxbp.norm_shared.default
+    torch.library.opcheck(op, (x, w, b, 0.0, 1, 1e-5, False, f32, f32))
+    torch.library.opcheck(op, (x, w, None, 1.0, 1, 1e-6, True, f32, f32))
+    torch.library.opcheck(op, (x, None, None, 0.0, 1, 1e-6, True, torch.bfloat16, f32))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_opcheck_linear_shared(shape, transposed):
+    d = shape[-1]
+    w, b = torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True)
+    z, y_hat, _ = ms_layer_norm(torch.randn(shape), d, w, b)
+    z = z.detach().requires_grad_()  # a leaf: opcheck runs backward several times
+    weight = torch.randn(*((d, OUT) if transposed else (OUT, d)), requires_grad=True)
+    bias = torch.randn(OUT, requires_grad=True)
+    op = torch.ops.approxbp.linear_shared.default
+    torch.library.opcheck(op, (z, y_hat, weight, bias, w, b, 0.0, transposed))
+    torch.library.opcheck(op, (z, y_hat, weight.detach(), None, None, None, 0.0, transposed))
+
+
+# --- what is kept for backward ------------------------------------------------------------------------
+
+class QKV(nn.Module):
+    """LayerNorm -> q, k, v, built from the ops (and the same block from torch ops for comparison)."""
+
+    def __init__(self, d: int, shared: bool = True):
+        super().__init__()
+        self.shared = shared
+        self.norm = nn.LayerNorm(d)
+        nn.init.normal_(self.norm.weight)
+        nn.init.normal_(self.norm.bias)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        if not self.shared:
+            z = self.norm(x)
+            return self.q(z), self.k(z), self.v(z)
+        n = self.norm
+        z, y_hat, _ = ms_layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
+        return tuple(linear_shared(z, y_hat, lin.weight, lin.bias, n.weight, n.bias) for lin in (self.q, self.k, self.v))
+
+
+B, T, D = 2, 16, 64
+
+
+def expected_shared_bytes(dtype_bytes=4):
+    """One y_hat [B, T, D] plus rstd [B, T, 1] (fp32)."""
+    return B * T * D * dtype_bytes + B * T * 4
+
+
+def test_saved_bytes_qkv_eager():
+    x = torch.randn(B, T, D, requires_grad=True)
+    shared = QKV(D)
+    assert saved_activation_bytes(shared, x) == expected_shared_bytes()
+    # the unrewritten block keeps x, mean, rstd and z
+    plain = QKV(D, shared=False)
+    assert saved_activation_bytes(plain, x) == 2 * B * T * D * 4 + 2 * B * T * 4
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_saved_bytes_qkv_compiled(backend, fresh_dynamo):
+    x = torch.randn(B, T, D, requires_grad=True)
+    model = QKV(D)
+    compiled = torch.compile(model, backend=backend)
+    got = saved_activation_bytes(compiled, x)
+    assert abs(got - expected_shared_bytes()) <= 0.01 * expected_shared_bytes(), got
+    # same numbers and gradients as eager
+    out_c, out_e = compiled(x), model(x)
+    for a, b in zip(out_c, out_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g_c = torch.autograd.grad(sum(o.square().sum() for o in out_c), [x, *model.parameters()])
+    g_e = torch.autograd.grad(sum(o.square().sum() for o in out_e), [x, *model.parameters()])
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_weight_gets_no_grad_and_rest_matches_autograd():
+    shared, plain = QKV(D), QKV(D, shared=False)
+    plain.load_state_dict(shared.state_dict())
+    for m in (shared, plain):
+        for lin in (m.q, m.k, m.v):
+            lin.weight.requires_grad_(False)
+    x = torch.randn(B, T, D)
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dys = [torch.randn(B, T, D) for _ in range(3)]
+    torch.autograd.backward(shared(xs), dys)
+    torch.autograd.backward(plain(xp), dys)
+    for lin in (shared.q, shared.k, shared.v):
+        assert lin.weight.grad is None
+    torch.testing.assert_close(xs.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    for (name, ps), pp in zip(shared.named_parameters(), plain.parameters()):
+        if ps.requires_grad:
+            torch.testing.assert_close(ps.grad, pp.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+
+# --- the compiled kernels -----------------------------------------------------------------------------
+
+def _norm_linear_grads(x, params, norm, link, weight, bias):
+    x = x.detach().requires_grad_()
+    z, y_hat, _ = norm(x, *params)
+    out = linear_shared(z, y_hat, weight, bias, **link(*params))
+    leaves = [t for t in (x, weight, bias, *params) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((out.square().sum() + z.sum()), leaves)
+    return (z, out, *grads)
+
+
+@pytest.mark.parametrize("norm_id", ["ln", "rms_gemma"])
+def test_compiled_kernels_match_eager_kernels(norm_id, monkeypatch):
+    """The same bodies, compiled (default) and run as plain torch code, agree in float32."""
+    d = 33
+    params, norm, link = NORMS[norm_id](d)
+    params = [p.detach().float().requires_grad_() for p in params]
+    x = torch.randn(3, 5, d)
+    weight, bias = torch.randn(OUT, d, requires_grad=True), torch.randn(OUT, requires_grad=True)
+    compiled = _norm_linear_grads(x, params, norm, link, weight, bias)
+    monkeypatch.setenv("APPROXBP_FX_KERNELS", "eager")
+    eager = _norm_linear_grads(x, params, norm, link, weight, bias)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch._dynamo.config.patch(recompile_limit=2)  # (monkeypatch would delete the config entry on undo)
+def test_ops_survive_dynamos_recompile_limit(fresh_dynamo):
+    """More argument combinations in one process than Dynamo will compile variants of a kernel for
+    (bias or not, W trainable or frozen, transposed or not ...) must still run, not raise."""
+    d = 8
+    for transposed, has_bias, w_grad in itertools.product([False, True], repeat=3):
+        gamma, beta = torch.randn(d), torch.randn(d)
+        z, y_hat, _ = ms_layer_norm(torch.randn(3, d), d, gamma, beta)
+        z = z.detach().requires_grad_()
+        weight = torch.randn(*((d, OUT) if transposed else (OUT, d)), requires_grad=w_grad)
+        bias = torch.randn(OUT, requires_grad=True) if has_bias else None
+        linear_shared(z, y_hat, weight, bias, gamma, beta, weight_transposed=transposed).sum().backward()
+        assert z.grad is not None
