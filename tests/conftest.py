@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import hashlib
+import os
+import pathlib
+import tempfile
+
+# torch's compile caches key a graph by its ops, not by the Python code of a custom op's backward:
+# a cache written by an older version of approxbp_fx would replay stale backward kernels. Tests get
+# a cache of their own per version of the package sources. (Must run before torch compiles anything.)
+_sources = sorted(pathlib.Path(__file__).parents[1].joinpath("approxbp_fx").rglob("*.py"))
+_digest = hashlib.sha256(b"".join(p.read_bytes() for p in _sources)).hexdigest()[:16]
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"approxbp-inductor-{_digest}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 # The ops compile their bodies once per argument combination (dtype, bias or not, which grads are

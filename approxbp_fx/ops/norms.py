@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._fused import fused
+from ._fused import fused, is_tracing
 
 __all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
 
@@ -42,10 +42,21 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _affine(y_hat: Tensor, weight: Tensor | None, bias: Tensor | None, offset: float, out_dtype: torch.dtype) -> Tensor:
-    """z = y_hat * (weight + offset) + bias, computed in the compute dtype and rounded once to out_dtype."""
-    z = y_hat.to(_compute_dtype(y_hat) if y_hat.dtype != torch.float64 else torch.float64)
+    """z = y_hat * (weight + offset) + bias, computed in the compute dtype and rounded once to out_dtype.
+
+    May return y_hat itself (no affine, no cast)."""
+    if weight is not None and offset:
+        weight = weight + offset
+    if all(t is None or t.dtype == out_dtype for t in (y_hat, weight, bias)):
+        # one kernel; for half dtypes torch computes each element in float32 and rounds once
+        if weight is not None and bias is not None:
+            return torch.addcmul(bias, y_hat, weight)
+        if weight is not None:
+            return y_hat * weight
+        return y_hat + bias if bias is not None else y_hat
+    z = y_hat.to(_compute_dtype(y_hat))
     if weight is not None:
-        z = z * (weight.to(z.dtype) + offset) if offset else z * weight.to(z.dtype)
+        z = z * weight.to(z.dtype)
     if bias is not None:
         z = z + bias.to(z.dtype)
     return z.to(out_dtype)
@@ -93,14 +104,42 @@ def _norm_backward(
     return grad_x, grad_w, grad_b
 
 
+def _layer_norm_backward_aten(
+    grad_z: Tensor, y_hat: Tensor, rstd: Tensor, weight: Tensor | None, offset: float, rms: bool,
+    need_x: bool, need_w: bool, need_b: bool, x_dtype: torch.dtype,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The MS-LN backward by aten's LayerNorm backward: given y_hat as its input with mean 0 and rstd 1,
+    it returns (dy - mean(dy) - y_hat * mean(dy * y_hat)), sum(dz * y_hat) and sum(dz); times rstd
+    that is dx. One fused kernel instead of a compiled graph call (eager mode only)."""
+    rows = y_hat.shape[0]
+    ones = rstd.new_ones(rows, 1)
+    w = None if weight is None else (weight + offset if offset else weight)
+    d = y_hat.shape[1]
+    # aten reads bias only for its shape, and fails without one when asked for its gradient
+    bias_like = grad_z.new_empty(d) if need_b else None
+    w_like = w if w is not None or not need_w else grad_z.new_ones(d)
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad_z, y_hat, [d], ones.new_zeros(rows, 1), ones, w_like, bias_like, [need_x, need_w, need_b])
+    return (None if dx is None else (dx * rstd).to(x_dtype)), dw, db
+
+
 @torch.library.custom_op("approxbp::norm_shared", mutates_args=())
 def _norm_shared(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float, normalized_ndim: int,
     eps: float, rms: bool, y_dtype: torch.dtype, z_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    rows = x.reshape(-1, _row_size(x, normalized_ndim))
+    d = _row_size(x, normalized_ndim)
+    rows = x.reshape(-1, d)
     flat = [None if t is None else t.reshape(-1) for t in (weight, bias)]
-    z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype)
+    if x.dtype in (torch.float32, torch.float64) and y_dtype == x.dtype:
+        # aten's own fused kernels (no compile, no guard overhead): y_hat and rstd in one pass
+        if rms:
+            y_hat, rstd = torch.ops.aten._fused_rms_norm(rows, [d], None, eps)
+        else:
+            y_hat, _mean, rstd = torch.native_layer_norm(rows, [d], None, None, eps)
+        z = _affine(y_hat, *flat, weight_offset, z_dtype)
+    else:
+        z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype)
     if z is y_hat:  # no affine and no cast: a custom op's outputs must not alias each other
         z = z.clone()
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
@@ -137,7 +176,10 @@ def _norm_backward_autograd(ctx, grad_z: Tensor, _gy: Tensor | None, _gr: Tensor
     y_hat, rstd, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     d = _row_size(y_hat, ctx.ndim)
-    grad_x, grad_w, grad_b = _norm_backward(
+    backward = _norm_backward
+    if not ctx.rms and y_hat.dtype == grad_z.dtype == rstd.dtype and not is_tracing(grad_z):
+        backward = _layer_norm_backward_aten
+    grad_x, grad_w, grad_b = backward(
         grad_z.reshape(-1, d), y_hat.reshape(-1, d), rstd.reshape(-1, 1), None if weight is None else weight.reshape(-1),
         ctx.offset, ctx.rms, need_x, need_w and weight is not None, need_b and ctx.has_bias, ctx.x_dtype,
     )
@@ -183,7 +225,6 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.offset, ctx.transposed, ctx.z_dtype, ctx.has_bias = offset, transposed, z.dtype, bias is not None
 
 
-@fused
 def _linear_backward(
     grad: Tensor, y_hat: Tensor, weight: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
     offset: float, transposed: bool, z_dtype: torch.dtype, need_z: bool, need_w: bool, need_b: bool,

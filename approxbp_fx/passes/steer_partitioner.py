@@ -19,6 +19,7 @@ that heuristic.
 from __future__ import annotations
 
 import itertools
+import pathlib
 import operator
 from typing import Any
 
@@ -35,6 +36,7 @@ from ..ops import norms
 
 __all__ = ["lower_to_traceable", "SteeringPartitioner"]
 
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 _TAG = "approxbp"
 _RECOMPUTE = "recompute"
 _region_ids = itertools.count()
@@ -49,7 +51,7 @@ class _StepAct(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, y: Tensor | None, fn: str, thresholds: list[float], levels: list[float]) -> Tensor:
         step = act.StepDerivative(tuple(thresholds), tuple(levels))
         with annotate(_region()):
-            code = act._encode(act._rows(x, 8 // step.bits), act._thresholds(thresholds, x))
+            code = act._encode(act._planes(x, 8 // step.bits), act._thresholds(thresholds, x))
         ctx.save_for_backward(code)
         ctx.levels, ctx.bits = tuple(levels), step.bits
         return act.ACTIVATIONS[fn](x) if y is None else y.clone()
@@ -137,4 +139,6 @@ class SteeringPartitioner(CustomPartitionerFn):
         return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        # Part of inductor's cache key: hash every source of the package, since the ops' backward
+        # code (not only this file) decides what a compiled graph computes.
+        return get_hash_for_files(tuple(str(p) for p in sorted(_PACKAGE.rglob("*.py"))))
