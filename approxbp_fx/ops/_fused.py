@@ -45,8 +45,17 @@ def is_tracing(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and is_fake(t) for t in tensors)
 
 
-def _variant_key(args: tuple[object, ...]) -> tuple[object, ...]:
-    return tuple((a.dtype, a.device.type, a.dim()) if isinstance(a, torch.Tensor) else (type(a), a) for a in args)
+# Static-shape kernels ran about 2x faster than dynamic-shape ones on CPU (0.5M elements: 55 vs 103 us
+# for the 2-bit encode); a training run sees few shapes, so each function gets this many static
+# variants before it falls back to one dynamic kernel per argument combination.
+STATIC_VARIANTS = 8
+
+
+def _variant_key(args: tuple[object, ...], shapes: bool) -> tuple[object, ...]:
+    return tuple(
+        (a.dtype, a.device.type, tuple(a.shape) if shapes else a.dim()) if isinstance(a, torch.Tensor) else (type(a), a)
+        for a in args
+    )
 
 
 def _fresh_copy(fn: Callable[..., object], n: int) -> Callable[..., object]:
@@ -61,10 +70,25 @@ def _fresh_copy(fn: Callable[..., object], n: int) -> Callable[..., object]:
 def fused(fn: F) -> F:
     """Decorator: run ``fn`` through ``torch.compile`` on real tensors, directly when traced.
 
-    Each combination of non-tensor arguments and tensor dtypes gets its own compiled copy.
+    Each combination of non-tensor arguments and tensor dtypes gets its own compiled copy, the first
+    ``STATIC_VARIANTS`` of them (by shape) with static shapes.
     """
-    variants: dict[tuple[object, ...], Callable[..., object]] = {}
+    static: dict[tuple[object, ...], Callable[..., object]] = {}
+    dynamic: dict[tuple[object, ...], Callable[..., object]] = {}
     broken = False
+
+    def compiled_for(args: tuple[object, ...]) -> Callable[..., object]:
+        key = _variant_key(args, shapes=True)
+        if key in static:
+            return static[key]
+        n = len(static) + len(dynamic)
+        if len(static) < STATIC_VARIANTS:
+            static[key] = torch.compile(_fresh_copy(fn, n), dynamic=False, fullgraph=True)
+            return static[key]
+        key = _variant_key(args, shapes=False)
+        if key not in dynamic:
+            dynamic[key] = torch.compile(_fresh_copy(fn, n), dynamic=True, fullgraph=True)
+        return dynamic[key]
 
     @functools.wraps(fn)
     def wrapper(*args: object) -> object:
@@ -72,10 +96,7 @@ def fused(fn: F) -> F:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if broken or kernel_mode() == "eager" or is_tracing(*tensors):
             return fn(*args)
-        key = _variant_key(args)
-        compiled = variants.get(key)
-        if compiled is None:
-            compiled = variants[key] = torch.compile(_fresh_copy(fn, len(variants)), dynamic=True, fullgraph=True)
+        compiled = compiled_for(args)
         try:
             return compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as exc:
