@@ -8,52 +8,19 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .options import INNERS, Options
 from .passes import run_passes
 from .report import Report, Site
 
 __all__ = ["Options", "approxbp_backend", "compile", "rewrite", "explain", "INNERS"]
 
 log = logging.getLogger("approxbp_fx")
-
-INNERS = ("inductor", "aot_eager", "eager")
-
-
-@dataclass(frozen=True)
-class Options:
-    """Backend options. ``activations``: Approx-BP at GELU/SiLU sites (approximate gradients).
-    ``norms``: MS-BP at norm -> linear sites (exact). ``inner``: what compiles the rewritten graph.
-    ``verify``: check the rewritten forward against the original on the example inputs."""
-
-    activations: bool = True
-    norms: bool = True
-    inner: str = "inductor"
-    verify: bool = True
-
-    @classmethod
-    def parse(cls, options: Mapping[str, Any] | None) -> "Options":
-        options = dict(options or {})
-        known = {f.name: f for f in fields(cls)}
-        for name, val in options.items():
-            if name not in known:
-                raise ValueError(f"approxbp: unknown option {name!r}; valid options are {sorted(known)}")
-            expected = type(getattr(cls, name))
-            if type(val) is not expected:
-                raise ValueError(f"approxbp: option {name!r} must be a {expected.__name__}, got {val!r}")
-        if options.get("inner", "inductor") not in INNERS:
-            raise ValueError(f"approxbp: option 'inner' must be one of {INNERS}, got {options['inner']!r}")
-        return cls(**options)
-
-    @property
-    def enabled(self) -> dict[str, bool]:
-        return {"activations": self.activations, "norms": self.norms}
-
 
 # explain() collects the reports of the graphs it compiles here
 _collectors: list[Report] = []
@@ -104,7 +71,7 @@ def _run_isolated(gm: Callable[..., Any], example_inputs: Sequence[Any]) -> Any:
 
 
 def _verified_rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options) -> tuple[fx.GraphModule, list[Site]]:
-    rewritten, sites = run_passes(gm, opts.enabled)
+    rewritten, sites = run_passes(gm, opts)
     if not opts.verify or not any(s.rewritten for s in sites):
         return rewritten, sites
     expected = _run_isolated(gm, example_inputs)
@@ -115,15 +82,15 @@ def _verified_rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: O
     ids = [s.id for s in sites if s.rewritten]
     bad: dict[str, str] = {}
     for sid in ids:
-        alone, _ = run_passes(gm, opts.enabled, {o: "not under test" for o in ids if o != sid})
+        alone, _ = run_passes(gm, opts, {o: "not under test" for o in ids if o != sid})
         err = _mismatch(expected, _run_isolated(alone, example_inputs))
         if err is not None:
             bad[sid] = f"forward mismatch in verification ({err})"
     if not bad:  # only a combination fails: keep nothing rather than guess
         bad = {sid: f"forward mismatch in verification ({problem})" for sid in ids}
-    rewritten, sites = run_passes(gm, opts.enabled, bad)
+    rewritten, sites = run_passes(gm, opts, bad)
     if bad and _mismatch(expected, _run_isolated(rewritten, example_inputs)) is not None:
-        rewritten, sites = run_passes(gm, opts.enabled, {sid: bad.get(sid, "forward mismatch in verification") for sid in ids})
+        rewritten, sites = run_passes(gm, opts, {sid: bad.get(sid, "forward mismatch in verification") for sid in ids})
     for s in sites:
         if s.id in bad:
             warnings.warn(f"approxbp: left {s.path} ({s.pattern}) unrewritten: {s.reason}", RuntimeWarning, stacklevel=2)
@@ -182,7 +149,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, **o
             ShapeProp(gm).propagate(*example_inputs)
         rewritten, sites = _verified_rewrite(gm, example_inputs, opts)
     else:
-        rewritten, sites = run_passes(gm, opts.enabled)
+        rewritten, sites = run_passes(gm, opts)
     return rewritten, Report(sites, [(gm, rewritten)])
 
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch.fx as fx
 
+from ..options import Options
 from ..report import Site
 from ._graph import cleanup
 from .activations import compress_activations
@@ -13,8 +14,9 @@ from .norms import share_norm_outputs
 
 __all__ = ["PASSES", "run_passes", "compress_activations", "share_norm_outputs"]
 
-# (option that enables it, pass). Every pass: (gm, skip: {site id: reason}) -> sites; it edits gm.graph.
-PASSES: list[tuple[str, Callable[[fx.GraphModule, dict[str, str]], list[Site]]]] = [
+# (option that enables it, pass). Every pass: (gm, skip: {site id: reason}, options) -> sites; it edits
+# gm.graph in place.
+PASSES: list[tuple[str, Callable[[fx.GraphModule, dict[str, str], Options], list[Site]]]] = [
     ("norms", share_norm_outputs),
     ("activations", compress_activations),
 ]
@@ -29,11 +31,11 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def run_passes(gm: fx.GraphModule, enabled: dict[str, bool], skip: dict[str, str] | None = None) -> tuple[fx.GraphModule, list[Site]]:
+def run_passes(gm: fx.GraphModule, options: Options, skip: dict[str, str] | None = None) -> tuple[fx.GraphModule, list[Site]]:
     """Run the enabled passes on a copy of ``gm``; ``gm`` itself is left as it was."""
     new = copy_graph_module(gm)
     sites: list[Site] = []
     for option, rewrite in PASSES:
-        if enabled.get(option, True):
-            sites += rewrite(new, skip or {})
+        if getattr(options, option):
+            sites += rewrite(new, skip or {}, options)
     return cleanup(new), sites

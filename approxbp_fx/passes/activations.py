@@ -13,6 +13,7 @@ only its backward changes.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.activations import REGELU2, RESILU2, StepDerivative
+from ..options import Options
 from ..report import Site
-from ._graph import arg, module_path, target_module, value
+from ._graph import module_path, target_module, value
 
 __all__ = ["compress_activations"]
 
@@ -40,13 +42,30 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-# name -> (reference forward, op name for native sites, step derivative or None when none ships yet)
+# name -> (reference forward, op name for native sites, the paper's 2-bit constants or None)
 KNOWN_ACTIVATIONS: dict[str, tuple] = {
     "gelu": (F.gelu, "gelu", REGELU2),
     "gelu(tanh)": (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh", REGELU2),
     "silu": (F.silu, "silu", RESILU2),
     "quick_gelu": (_quick_gelu, None, None),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def step_for(name: str, bits: int) -> tuple[StepDerivative, str]:
+    """The step derivative used for an activation at ``bits`` bits, and where it comes from.
+
+    The paper's constants at 2 bits where it has them (GELU's serve tanh-GELU too: their derivatives
+    differ by at most 9e-4); otherwise fitted once per process by ``fit_step_derivative``."""
+    reference, _, paper = KNOWN_ACTIVATIONS[name]
+    if bits == 2 and paper is not None:
+        return paper, "paper"
+    from ..fit import fit_step_derivative
+
+    # The first compile may happen inside a caller's saved_tensors_hooks (e.g. while measuring saved
+    # bytes): the fit's own autograd must not show up there.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return fit_step_derivative(reference, bits=bits), "fitted"
 
 _PROBE = torch.linspace(-12.0, 12.0, 4001, dtype=torch.float64)
 
@@ -132,9 +151,10 @@ def _saved_bytes_estimate(x: fx.Node, step: StepDerivative) -> int:
     return v.numel() * v.element_size() - (v.numel() + per_byte - 1) // per_byte
 
 
-def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None) -> list[Site]:
+def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None, options: Options | None = None) -> list[Site]:
     """Rewrite every recognised GELU/SiLU site (see module docstring). ``skip`` maps site ids to reasons."""
     skip = skip or {}
+    bits = options.bits if options is not None else 2
     sites: list[Site] = []
     claimed: set[fx.Node] = set()
     for y in reversed(list(gm.graph.nodes)):  # outermost node of a decomposed form first
@@ -152,11 +172,9 @@ def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None)
         pattern = name if native or len(nodes) == 1 else f"{name} (decomposed, {len(nodes)} ops)"
         site = Site(id=y.name, path=module_path(y), pattern=pattern, rewritten=False)
         sites.append(site)
-        step = KNOWN_ACTIVATIONS[name][2]
+        step, source = step_for(name, bits)
         xv = value(x)
-        if step is None:
-            site.reason = f"no step-derivative constants for {name}"
-        elif y.name in skip:
+        if y.name in skip:
             site.reason = skip[y.name]
         elif xv is not None and not xv.is_floating_point():
             site.reason = f"input dtype {xv.dtype} is not floating point"
@@ -164,7 +182,8 @@ def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None)
             _rewrite(gm, y, x, nodes, native, step)
             site.rewritten = True
             site.bytes_saved = _saved_bytes_estimate(x, step)
-            site.constants = f"levels {tuple(round(v, 4) for v in step.levels)}"
+            site.constants = (f"{source} {bits}-bit: thresholds {tuple(round(v, 4) for v in step.thresholds)}, "
+                              f"levels {tuple(round(v, 4) for v in step.levels)}")
     return sites
 
 

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..options import Options
 from ..report import Site
 from ._graph import (
     ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, is_basic_index, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
@@ -197,7 +198,7 @@ def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | N
                 linears.append(_Consumer(u, chain, _attr(gm, u, "weight"), _attr(gm, u, "bias")))
             elif is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
                 linears.append(_Consumer(u, chain, u.args[2], u.args[0], transposed=True))
-            elif is_call(u, ADD_FUNCTIONS, ("add", "__add__")):
+            elif is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output":
                 continue  # keeps nothing
             elif is_call(u, _DROPOUT) or (u.op == "call_module" and isinstance(target_module(gm, u), nn.Dropout)):
                 dropouts += 1  # keeps a mask, and what follows keeps dropout's output: a different tensor
@@ -207,7 +208,7 @@ def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | N
     return linears, None, dropouts
 
 
-def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None) -> list[Site]:
+def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None, options: Options | None = None) -> list[Site]:
     """Rewrite every norm whose output can be shared with the linears after it (module docstring)."""
     skip = skip or {}
     sites: list[Site] = []
