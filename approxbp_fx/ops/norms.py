@@ -222,19 +222,26 @@ def _linear_setup(ctx, inputs, output) -> None:
     z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed = inputs
     # z itself is not saved: backward rebuilds it from the shared y_hat.
     ctx.save_for_backward(y_hat, weight, norm_weight, norm_bias)
-    ctx.offset, ctx.transposed, ctx.z_dtype, ctx.has_bias = offset, transposed, z.dtype, bias is not None
+    ctx.offset, ctx.transposed, ctx.z_dtype = offset, transposed, z.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    # Under autocast the forward's matmul ran in a lower precision than z and the weight: the
+    # backward runs its matmuls in that dtype too (backward usually runs outside the autocast region).
+    ctx.compute_dtype = output.dtype
 
 
 def _linear_backward(
     grad: Tensor, y_hat: Tensor, weight: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-    offset: float, transposed: bool, z_dtype: torch.dtype, need_z: bool, need_w: bool, need_b: bool,
+    offset: float, transposed: bool, z_dtype: torch.dtype, compute_dtype: torch.dtype, need_z: bool, need_w: bool,
+    need_b: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """grad is [rows, out], y_hat [rows, in]."""
+    """grad is [rows, out], y_hat [rows, in]; matmuls in ``compute_dtype``."""
     grad_z = grad_w = grad_b = None
+    grad = grad.to(compute_dtype)
     if need_z:
-        grad_z = grad @ weight.t() if transposed else grad @ weight
+        w = weight.to(compute_dtype)
+        grad_z = grad @ w.t() if transposed else grad @ w
     if need_w:
-        z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype)
+        z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype).to(compute_dtype)
         grad_w = z.t() @ grad if transposed else grad.t() @ z
     if need_b:
         grad_b = grad.sum(0)
@@ -246,12 +253,14 @@ def _linear_backward_autograd(ctx, grad: Tensor):
     need_z, _, need_w, need_b = ctx.needs_input_grad[:4]
     grad_z, grad_w, grad_b = _linear_backward(
         grad.reshape(-1, grad.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]), weight, norm_weight, norm_bias,
-        ctx.offset, ctx.transposed, ctx.z_dtype, need_z, need_w, need_b and ctx.has_bias,
+        ctx.offset, ctx.transposed, ctx.z_dtype, ctx.compute_dtype, need_z, need_w, need_b and ctx.bias_dtype is not None,
     )
     if grad_z is not None:
         grad_z = grad_z.view(y_hat.shape).to(ctx.z_dtype)
     if grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(ctx.bias_dtype)
     return grad_z, None, grad_w, grad_b, None, None, None, None
 
 

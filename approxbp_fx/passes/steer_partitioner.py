@@ -86,8 +86,9 @@ class _LinearShared(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
                 norm_bias: Tensor | None, offset: float, transposed: bool) -> Tensor:
         inputs = (z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed)
-        norms._linear_setup(ctx, inputs, None)
-        return norms.linear_forward(z, weight, bias, transposed)
+        out = norms.linear_forward(z, weight, bias, transposed)
+        norms._linear_setup(ctx, inputs, out)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
