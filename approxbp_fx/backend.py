@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .options import INNERS, Options
 from .passes import run_passes
@@ -50,8 +51,22 @@ def _mismatch(expected: Any, actual: Any) -> str | None:
     return None
 
 
+def _synthetic(t: Tensor) -> Tensor:
+    """Real data for a fake example input (DDP's graph splitter passes FakeTensors): uniform [0, 1)
+    floats (valid variances, no NaN from BatchNorm), zeros for integers (valid embedding indices)."""
+    shape = [int(d.node.hint) if isinstance(d, torch.SymInt) else d for d in t.shape]
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        if t.is_floating_point():
+            out = torch.rand(shape, dtype=t.dtype, device=t.device)
+        else:
+            out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+
+
 def _concrete(a: Any) -> Any:
     """A copy of a non-parameter tensor input; the hint of a symbolic size (dynamic-shape recompiles)."""
+    if isinstance(a, Tensor) and is_fake(a):
+        return _synthetic(a)
     if isinstance(a, nn.Parameter):
         return a
     if isinstance(a, Tensor):
@@ -74,8 +89,21 @@ def _verified_rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: O
     rewritten, sites = run_passes(gm, opts)
     if not opts.verify or not any(s.rewritten for s in sites):
         return rewritten, sites
-    expected = _run_isolated(gm, example_inputs)
-    problem = _mismatch(expected, _run_isolated(rewritten, example_inputs))
+    if any(isinstance(t, Tensor) and is_fake(t) for t in example_inputs):
+        example_inputs = [_concrete(t) for t in example_inputs]  # the same synthetic data for both runs
+    try:
+        expected = _run_isolated(gm, example_inputs)
+    except Exception as exc:  # the original graph itself cannot run on these inputs: nothing to compare
+        log.warning("approxbp: forward not verified (the original graph failed on the example inputs: %s)", exc)
+        return rewritten, sites
+
+    def problem_of(graph: fx.GraphModule) -> str | None:
+        try:
+            return _mismatch(expected, _run_isolated(graph, example_inputs))
+        except Exception as exc:
+            return f"the rewritten graph raised {type(exc).__name__}: {exc}"
+
+    problem = problem_of(rewritten)
     if problem is None:
         return rewritten, sites
     # Find the offending rewrites one by one, keep the others.
@@ -83,17 +111,17 @@ def _verified_rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: O
     bad: dict[str, str] = {}
     for sid in ids:
         alone, _ = run_passes(gm, opts, {o: "not under test" for o in ids if o != sid})
-        err = _mismatch(expected, _run_isolated(alone, example_inputs))
+        err = problem_of(alone)
         if err is not None:
             bad[sid] = f"forward mismatch in verification ({err})"
-    if not bad:  # only a combination fails: keep nothing rather than guess
-        bad = {sid: f"forward mismatch in verification ({problem})" for sid in ids}
     rewritten, sites = run_passes(gm, opts, bad)
-    if bad and _mismatch(expected, _run_isolated(rewritten, example_inputs)) is not None:
-        rewritten, sites = run_passes(gm, opts, {sid: bad.get(sid, "forward mismatch in verification") for sid in ids})
+    if not bad or problem_of(rewritten) is not None:  # only a combination fails: keep nothing rather than guess
+        bad = {sid: bad.get(sid, f"forward mismatch in verification ({problem})") for sid in ids}
+        rewritten, sites = run_passes(gm, opts, bad)
     for s in sites:
         if s.id in bad:
             warnings.warn(f"approxbp: left {s.path} ({s.pattern}) unrewritten: {s.reason}", RuntimeWarning, stacklevel=2)
+            log.warning("approxbp: left %s (%s) unrewritten: %s", s.path, s.pattern, s.reason)
     return rewritten, sites
 
 

@@ -26,8 +26,10 @@ what backward keeps, so their outputs are unchanged (within the usual compile to
 for a new input shape (e.g. the last, smaller batch): pass ``dataloader_drop_last=True`` to avoid it, or
 ``dynamic=True`` here.
 
-DistributedDataParallel (``torchrun`` + Trainer) works too: Accelerate wraps the compiled module in DDP, and
-DDP's graph splitting calls the backend once per bucket.
+Under DistributedDataParallel (``torchrun`` + Trainer: Accelerate wraps the in-place compiled module in DDP),
+Dynamo's DDPOptimizer splits the graph at the gradient buckets and calls the backend once per piece, with fake
+example inputs: pass ``verify=False`` there for now (verification needs real values; see
+tests/test_distributed.py).
 """
 
 from __future__ import annotations
