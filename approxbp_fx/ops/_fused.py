@@ -67,6 +67,16 @@ def _fresh_copy(fn: Callable[..., object], n: int) -> Callable[..., object]:
     return copy
 
 
+def refuse_double_backward(grad: torch.Tensor, what: str, option: str) -> None:
+    """Raise when a backward runs with create_graph=True (grad mode on, outside tracing): the ops'
+    backward formulas are not differentiable, and a silently wrong second derivative is worse than none."""
+    if torch.is_grad_enabled() and not is_tracing(grad):
+        raise RuntimeError(
+            f"approxbp: double backward (create_graph=True) through {what} is not supported. Compile with "
+            f"options={{{option!r}: False}} for this site (or without the approxbp backend) to take higher-order gradients."
+        )
+
+
 def fused(fn: F) -> F:
     """Decorator: run ``fn`` through ``torch.compile`` on real tensors, directly when traced.
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._fused import fused, is_tracing
+from ._fused import fused, is_tracing, refuse_double_backward
 
 __all__ = ["StepDerivative", "REGELU2", "RESILU2", "regelu2", "resilu2", "step_activation", "ACTIVATIONS"]
 
@@ -193,6 +193,7 @@ def _step_act_setup(ctx, inputs, output) -> None:
 
 
 def _step_act_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
+    refuse_double_backward(grad_y, "an Approx-BP activation (its derivative is a step function)", "activations")
     (code,) = ctx.saved_tensors
     # float32 levels for half inputs: one rounding, in the final cast
     levels = _const(ctx.levels, grad_y, _compute_dtype(grad_y))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._fused import fused, is_tracing
+from ._fused import fused, is_tracing, refuse_double_backward
 
 __all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
 
@@ -173,6 +173,7 @@ def _norm_setup(ctx, inputs, output) -> None:
 
 
 def _norm_backward_autograd(ctx, grad_z: Tensor, _gy: Tensor | None, _gr: Tensor | None):
+    refuse_double_backward(grad_z, "an MS-BP norm", "norms")
     y_hat, rstd, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     d = _row_size(y_hat, ctx.ndim)
@@ -249,6 +250,7 @@ def _linear_backward(
 
 
 def _linear_backward_autograd(ctx, grad: Tensor):
+    refuse_double_backward(grad, "an MS-BP linear", "norms")
     y_hat, weight, norm_weight, norm_bias = ctx.saved_tensors
     need_z, _, need_w, need_b = ctx.needs_input_grad[:4]
     grad_z, grad_w, grad_b = _linear_backward(

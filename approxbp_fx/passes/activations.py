@@ -153,7 +153,7 @@ def _saved_bytes_estimate(x: fx.Node, step: StepDerivative) -> int:
 
 def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None, options: Options | None = None) -> list[Site]:
     """Rewrite every recognised GELU/SiLU site (see module docstring). ``skip`` maps site ids to reasons."""
-    skip = skip or {}
+    skip = {} if skip is None else skip
     bits = options.bits if options is not None else 2
     sites: list[Site] = []
     claimed: set[fx.Node] = set()

@@ -210,7 +210,7 @@ def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | N
 
 def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None, options: Options | None = None) -> list[Site]:
     """Rewrite every norm whose output can be shared with the linears after it (module docstring)."""
-    skip = skip or {}
+    skip = {} if skip is None else skip
     sites: list[Site] = []
     for n in list(gm.graph.nodes):
         norm = _find_norm(gm, n)
