@@ -143,6 +143,22 @@ def _native_op(gm: fx.GraphModule, node: fx.Node, name: str) -> str | None:
     return None
 
 
+def _gates(y: fx.Node) -> bool:
+    """True when the activation multiplies another tensor (SwiGLU/GeGLU: act(gate) * up).
+
+    Measured (LLaMA/Gemma, 2 layers, fp32): under inductor the rewrite changed the bytes by exactly 0
+    (the baseline keeps gate and up and recomputes act(gate); the rewritten gate still needs act(gate)
+    for up's gradient), under eager it saved 0.828 -> 0.692 of the baseline.
+    """
+    for u in y.users:
+        if (u.op == "call_function" and u.target in (operator.mul, torch.mul)) or (
+                u.op == "call_method" and u.target in ("mul", "__mul__")):
+            other = u.args[1] if u.args[0] is y else u.args[0]
+            if isinstance(other, fx.Node) and other is not y:
+                return True
+    return False
+
+
 def _saved_bytes_estimate(x: fx.Node, step: StepDerivative) -> int:
     v = value(x)
     if v is None:
@@ -176,6 +192,9 @@ def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None,
         xv = value(x)
         if y.name in skip:
             site.reason = skip[y.name]
+        elif options is not None and options.inner == "inductor" and _gates(y):
+            site.reason = ("GLU gate under inductor: the compiler already keeps only the gate's input and recomputes "
+                           "the activation, which the other factor's gradient needs; a 2-bit code would save nothing")
         elif xv is not None and not xv.is_floating_point():
             site.reason = f"input dtype {xv.dtype} is not floating point"
         else:

@@ -1,0 +1,333 @@
+"""Tiny HF models of the architectures people fine-tune (issue 4), and the step-derivative reference.
+
+Every builder returns an fp32 model in train mode built from a config (random weights, seeded): 2 layers,
+hidden 128, MLP 512, 4 heads, vocab 100, dropout 0, and every norm's affine randomized (gamma ~ U(0.5, 1.5),
+beta ~ U(-0.5, 0.5)) for every module whose class name contains "norm": with gamma = 1 and beta = 0 a
+folding bug would hide. Inputs are 4 x 32 tokens (ViT: 4 images of 8 x 8 patches).
+
+Used by tests/test_architectures.py and benchmarks/coverage_table.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from models import BATCH, HEADS, HIDDEN, LAYERS, MLP, TOKENS, VOCAB, tiny_bert, tiny_vit, vit_inputs
+
+# DESIGN.md section 2: h(x) = sum_i a_i ReLU(x - c_i); the derivative is levels[k], k = #{i : x > c_i}.
+REGELU2_A = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
+REGELU2_C = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
+RESILU2_A = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
+RESILU2_C = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
+
+
+def _levels(a: tuple[float, float, float]) -> tuple[float, float, float, float]:
+    return (0.0, a[0], a[0] + a[1], a[0] + a[1] + a[2])
+
+
+GELU_STEP = (REGELU2_C, _levels(REGELU2_A))
+SILU_STEP = (RESILU2_C, _levels(RESILU2_A))
+
+
+def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """gamma ~ U(0.5, 1.5), beta ~ U(-0.5, 0.5) for every module whose class name contains "norm"."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if "norm" not in type(m).__name__.lower():
+                continue
+            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(weight, Tensor):
+                weight.copy_(torch.rand(weight.shape, generator=g) + 0.5)
+            if isinstance(bias, Tensor):
+                bias.copy_(torch.rand(bias.shape, generator=g) - 0.5)
+    return model
+
+
+def _finish(model: nn.Module, seed: int) -> nn.Module:
+    return randomize_norms(model.float().train(), seed + 1)
+
+
+def gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return _finish(GPT2LMHeadModel(config), seed)
+
+
+def _decoder_config(config_cls, **extra):
+    return config_cls(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=64,
+        attention_dropout=0.0, use_cache=False, **extra,
+    )
+
+
+def llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(LlamaForCausalLM(_decoder_config(LlamaConfig)), seed)
+
+
+def mistral(seed: int = 0) -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(MistralForCausalLM(_decoder_config(MistralConfig, head_dim=HIDDEN // HEADS)), seed)
+
+
+def qwen2(seed: int = 0) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Qwen2ForCausalLM(_decoder_config(Qwen2Config)), seed)
+
+
+def gemma(seed: int = 0) -> nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    config = _decoder_config(GemmaConfig, head_dim=HIDDEN // HEADS, hidden_activation="gelu_pytorch_tanh")
+    return _finish(GemmaForCausalLM(config), seed)
+
+
+def roberta(seed: int = 0) -> nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=MLP, max_position_embeddings=TOKENS + 2 + 30, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return _finish(RobertaForSequenceClassification(config), seed)
+
+
+def bert(seed: int = 0) -> nn.Module:
+    return _finish(tiny_bert(seed), seed)
+
+
+def vit(seed: int = 0) -> nn.Module:
+    return _finish(tiny_vit(seed), seed)
+
+
+def token_inputs(seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # ids from 3 up: RoBERTa's padding index is 1, and a padding token would change its position ids
+    return {"input_ids": torch.randint(3, VOCAB, (BATCH, TOKENS), generator=g)}
+
+
+def with_lora(model: nn.Module, target_modules, seed: int = 2) -> nn.Module:
+    """PEFT LoRA (r = 8, no dropout) with lora_B ~ N(0, 0.02^2): at zero, A's gradient would be trivially zero."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_modules))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return peft_model
+
+
+QV = ["q_proj", "v_proj"]
+ALL_LINEAR = "all-linear"
+
+# name -> (builder, inputs)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Tensor]]]] = {
+    "gpt2": (gpt2, token_inputs),
+    "llama": (llama, token_inputs),
+    "mistral": (mistral, token_inputs),
+    "qwen2": (qwen2, token_inputs),
+    "gemma": (gemma, token_inputs),
+    "roberta": (roberta, token_inputs),
+    "bert": (bert, token_inputs),
+    "vit": (vit, vit_inputs),
+    "lora_vit": (lambda: with_lora(vit(), QV), vit_inputs),
+    "lora_llama": (lambda: with_lora(llama(), QV), token_inputs),
+    "lora_all_vit": (lambda: with_lora(vit(), ALL_LINEAR), vit_inputs),
+    "lora_all_llama": (lambda: with_lora(llama(), ALL_LINEAR), token_inputs),
+}
+
+
+# --- the step-derivative reference ----------------------------------------------------------------
+
+
+class _StepBackward(torch.autograd.Function):
+    """Forward: the original activation module, untouched. Backward: dy * levels[k(x)] (the paper's step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: nn.Module, thresholds: tuple, levels: tuple) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.thresholds, ctx.levels = thresholds, levels
+        return module(x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (x,) = ctx.saved_tensors
+        k = sum((x > c).long() for c in ctx.thresholds)
+        levels = torch.tensor(ctx.levels, dtype=torch.float64, device=dy.device)
+        return (dy.double() * levels[k]).to(dy.dtype), None, None, None
+
+
+class StepActivation(nn.Module):
+    def __init__(self, original: nn.Module, step: tuple) -> None:
+        super().__init__()
+        self.original = original
+        self.thresholds, self.levels = step
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _StepBackward.apply(x, self.original, self.thresholds, self.levels)
+
+
+def _step_classes() -> dict[type, tuple]:
+    from transformers import activations as act
+
+    classes: dict[type, tuple] = {nn.GELU: GELU_STEP, nn.SiLU: SILU_STEP}
+    for name, step in (("gelu", GELU_STEP), ("gelu_new", GELU_STEP), ("gelu_pytorch_tanh", GELU_STEP),
+                       ("silu", SILU_STEP), ("swish", SILU_STEP)):
+        entry = act.ACT2CLS[name]
+        classes[entry[0] if isinstance(entry, tuple) else entry] = step
+    return classes
+
+
+def with_step_activations(model: nn.Module) -> tuple[nn.Module, int]:
+    """``model`` with every GELU/tanh-GELU/SiLU module swapped for ``StepActivation``; and how many were swapped."""
+    classes = _step_classes()
+    swapped = 0
+    for m in list(model.modules()):
+        for child_name, child in list(m.named_children()):
+            step = classes.get(type(child))
+            if step is not None:
+                setattr(m, child_name, StepActivation(child, step))
+                swapped += 1
+    return model, swapped
+
+
+# --- one measured run -----------------------------------------------------------------------------
+
+# precision -> how the model runs: fp32; fp32 weights under bf16 autocast; weights cast to bf16
+PRECISIONS = ("fp32", "autocast", "bf16")
+# variant -> how the model is called (inner is ignored for the eager variants)
+VARIANTS = ("eager", "step", "torch.compile", "approxbp", "approxbp_exact", "approxbp_no_norms")
+
+
+def logits_of(out) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def loss_weight(shape: torch.Size) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(123))
+
+
+class Result:
+    """Forward output, gradients per parameter name (None where frozen or untouched) and saved bytes of one run."""
+
+    def __init__(self, out: Tensor, grads: dict[str, Tensor | None], saved_bytes: int) -> None:
+        self.out, self.grads, self.saved_bytes = out, grads, saved_bytes
+
+
+def build_fn(model: nn.Module, variant: str, inner: str | None) -> Callable[..., object]:
+    import approxbp_fx
+
+    if variant == "eager":
+        return model
+    if variant == "step":
+        model, swapped = with_step_activations(model)
+        assert swapped > 0, "no activation module to swap"
+        return model
+    if variant == "torch.compile":
+        return torch.compile(model)
+    options = {"approxbp": {}, "approxbp_exact": {"activations": False}, "approxbp_no_norms": {"norms": False}}[variant]
+    return approxbp_fx.compile(model, inner=inner, **options)
+
+
+def measure(model: nn.Module, variant: str, inner: str | None, precision: str, inputs: dict[str, Tensor]) -> Result:
+    """Forward + backward (loss: a fixed random projection of the logits), then saved bytes on a second call.
+
+    Under ``precision="autocast"`` compile, forward and backward all run inside ``torch.autocast("cpu", bf16)``.
+    """
+    import contextlib
+
+    import approxbp_fx
+
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    context = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext())
+    with context:
+        fn = build_fn(model, variant, inner)
+        model.zero_grad(set_to_none=True)
+        out = logits_of(fn(**inputs))
+        (out.float() * loss_weight(out.shape)).sum().backward()
+        grads = {n: None if p.grad is None else p.grad.detach().float().clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        saved = approxbp_fx.saved_activation_bytes(fn, exclude=[model], **inputs)
+    return Result(out.detach().float().clone(), grads, saved)
+
+
+class Runs:
+    """Lazily computed, cached results per (model, variant, inner, precision); each model built once and deep-copied."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, nn.Module] = {}
+        self._cache: dict[tuple, Result] = {}
+        self.seconds: dict[tuple, float] = {}
+
+    def model(self, name: str) -> nn.Module:
+        if name not in self._models:
+            self._models[name] = MODELS[name][0]()
+        return self._models[name]
+
+    def get(self, name: str, variant: str, inner: str | None = None, precision: str = "fp32") -> Result:
+        import copy
+        import time
+
+        if variant in ("eager", "step", "torch.compile"):
+            inner = None
+        key = (name, variant, inner, precision)
+        if key not in self._cache:
+            start = time.perf_counter()
+            self._cache[key] = measure(copy.deepcopy(self.model(name)), variant, inner, precision, MODELS[name][1]())
+            self.seconds[key] = time.perf_counter() - start
+        return self._cache[key]
+
+    def baseline(self, name: str, inner: str, precision: str = "fp32") -> Result:
+        return self.get(name, "eager" if inner == "eager" else "torch.compile", precision=precision)
+
+    def ratio(self, name: str, inner: str, precision: str = "fp32", variant: str = "approxbp") -> float:
+        return self.get(name, variant, inner, precision).saved_bytes / self.baseline(name, inner, precision).saved_bytes
+
+
+def rel_l2(actual: Tensor, expected: Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    denom = torch.linalg.vector_norm(expected).item()
+    diff = torch.linalg.vector_norm(actual - expected).item()
+    return diff / denom if denom > 0 else diff
+
+
+def grad_errors(actual: dict[str, Tensor | None], expected: dict[str, Tensor | None]) -> dict[str, float]:
+    """Relative L2 per parameter. The denominator is floored at 1e-4 of the largest gradient norm: attention
+    key biases have an analytically zero gradient (softmax is shift-invariant), so what is computed for them
+    is rounding noise that no relative measure can compare. A gradient present on one side only is inf."""
+    assert actual.keys() == expected.keys(), "different parameters"
+    floor = 1e-4 * max(torch.linalg.vector_norm(g.double()).item() for g in expected.values() if g is not None)
+    errors = {}
+    for name, ref in expected.items():
+        got = actual[name]
+        if ref is None or got is None:
+            if not (ref is None and got is None):
+                errors[name] = float("inf")
+            continue
+        diff = torch.linalg.vector_norm((got - ref).double()).item()
+        errors[name] = diff / max(torch.linalg.vector_norm(ref.double()).item(), floor)
+    return errors
