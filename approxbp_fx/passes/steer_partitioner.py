@@ -86,7 +86,17 @@ class _LinearShared(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
                 norm_bias: Tensor | None, offset: float, transposed: bool) -> Tensor:
         inputs = (z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed)
-        out = norms.linear_forward(z, weight, bias, transposed)
+        device = z.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast's own casts of z and of the weight would be new tensors the partitioner keeps for
+            # backward; made here, they are tagged to be rebuilt (from y_hat, from the parameter).
+            dtype = torch.get_autocast_dtype(device)
+            with annotate({_TAG: _RECOMPUTE}):
+                z_cast, w_cast = z.to(dtype), weight.to(dtype)
+            with torch.autocast(device, enabled=False):
+                out = norms.linear_forward(z_cast, w_cast, None if bias is None else bias.to(dtype), transposed)
+        else:
+            out = norms.linear_forward(z, weight, bias, transposed)
         norms._linear_setup(ctx, inputs, out)
         return out
 
