@@ -183,7 +183,7 @@ def row_table(res: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]
              "| peak (MiB) | step peak above resting (MiB) | step time (ms) | vs. baseline | vs. without approxbp |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, d in derived.items():
-        step_peak = d["peak"] - d["resting"] if d["peak"] is not None and d["resting"] is not None else None
+        step_peak = _step_peak(d)
         cells = [name, _f(d["saved"] and d["saved"] / MiB, "{:.2f}"), _f(d.get("saved_vs_partner"), "{:.3f}"),
                  _f(d.get("ideal") and d["ideal"] / MiB, "{:.2f}"), _f(d.get("kept_vs_ideal"), "{:.3f}"),
                  _f(d["peak"] and d["peak"] / MiB, "{:.0f}"), _f(step_peak and step_peak / MiB, "{:.0f}"),
@@ -220,14 +220,24 @@ def acceptance(derived_by_row: dict[str, dict[str, dict[str, Any]]]) -> list[tup
                 if conf in derived_by_row[row]:
                     check(f"{conf} step time / without approxbp", row, get(row, conf, "time_vs_partner"), limit)
         if row == "vit-b16/lora-qv/bf16":
-            a, b = get(row, "eager+approxbp", "peak"), get(row, "eager", "peak")
-            check("peak memory eager+approxbp / eager", row, a / b if a and b else None, 0.80)
+            # The step's own peak (above the RSS just before it): the whole-process peak also counts the
+            # interpreter and libraries, and approxbp's process has inductor loaded for its kernels
+            # (~60 MiB resident on CPU) - the paper's GPU number counts tensor memory only.
+            a, b = (_step_peak(derived_by_row[row].get(c)) for c in ("eager+approxbp", "eager"))
+            check("step peak memory eager+approxbp / eager", row, a / b if a and b else None, 0.80)
         if "compile+budget0.5+approxbp" in derived_by_row[row]:
             check("budget 0.5: bytes with approxbp / without", row,
                   get(row, "compile+budget0.5+approxbp", "saved_vs_partner"), 0.85)
             check("budget 0.5: step time with approxbp / without", row,
                   get(row, "compile+budget0.5+approxbp", "time_vs_partner"), 1.05)
     return out
+
+
+def _step_peak(d: dict[str, Any] | None) -> float | None:
+    """Peak memory of the training step above the memory in use just before it."""
+    if not d or d.get("peak") is None or d.get("resting") is None:
+        return None
+    return d["peak"] - d["resting"]
 
 
 def plot_geometry(geom: str, results: list[dict[str, Any]], derived_by_row, out_dir: pathlib.Path) -> list[str]:
@@ -245,14 +255,14 @@ def plot_geometry(geom: str, results: list[dict[str, Any]], derived_by_row, out_
     fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5), squeeze=False)
     for ax, res in zip(axes[0], results):
         for conf, d in derived_by_row[res["row"]].items():
-            if d["peak"] is None or d["step"] is None:
+            if _step_peak(d) is None or d["step"] is None:
                 continue
-            x, y = d["step"] * 1000, d["peak"] / MiB
+            x, y = d["step"] * 1000, _step_peak(d) / MiB
             ax.scatter([x], [y], marker="o" if "approxbp" in conf else "s",
                        color="tab:red" if "approxbp" in conf else "tab:blue")
             ax.annotate(conf, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel("median step time (ms)")
-        ax.set_ylabel("peak memory (MiB)")
+        ax.set_ylabel("step peak above resting (MiB)")
         ax.set_title(res["row"], fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
