@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import approxbp_fx

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import pathlib
-import operator
 from typing import Any
 
 import torch
