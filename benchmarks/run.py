@@ -240,6 +240,15 @@ def _step_peak(d: dict[str, Any] | None) -> float | None:
     return d["peak"] - d["resting"]
 
 
+def _save(fig: Any, path: pathlib.Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plot_geometry(geom: str, results: list[dict[str, Any]], derived_by_row, out_dir: pathlib.Path) -> list[str]:
     """Two PNGs per geometry: peak memory vs step time (one point per configuration, a panel per row), and
     saved bytes by kind of tensor, baseline vs approxbp (stacked bars, a panel per row)."""
@@ -265,11 +274,7 @@ def plot_geometry(geom: str, results: list[dict[str, Any]], derived_by_row, out_
         ax.set_ylabel("step peak above resting (MiB)")
         ax.set_title(res["row"], fontsize=10)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / f"{geom}-memory-vs-time.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    names.append(path.name)
+    names.append(_save(fig, out_dir / f"{geom}-memory-vs-time.png"))
 
     fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5), squeeze=False)
     colors = plt.get_cmap("tab10").colors
@@ -285,11 +290,7 @@ def plot_geometry(geom: str, results: list[dict[str, Any]], derived_by_row, out_
         ax.set_ylabel("saved for backward (MiB)")
         ax.set_title(res["row"], fontsize=10)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / f"{geom}-saved-by-kind.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    names.append(path.name)
+    names.append(_save(fig, out_dir / f"{geom}-saved-by-kind.png"))
     return names
 
 

@@ -15,22 +15,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from models import BATCH, HEADS, HIDDEN, LAYERS, MLP, TOKENS, VOCAB, tiny_bert, tiny_vit, vit_inputs
-
-# DESIGN.md section 2: h(x) = sum_i a_i ReLU(x - c_i); the derivative is levels[k], k = #{i : x > c_i}.
-REGELU2_A = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
-REGELU2_C = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
-RESILU2_A = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
-RESILU2_C = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
-
-
-def _levels(a: tuple[float, float, float]) -> tuple[float, float, float, float]:
-    return (0.0, a[0], a[0] + a[1], a[0] + a[1] + a[2])
-
-
-GELU_STEP = (REGELU2_C, _levels(REGELU2_A))
-SILU_STEP = (RESILU2_C, _levels(RESILU2_A))
-
+from models import (  # noqa: F401  (rel_l2, grad_errors: re-exported for the tests and benchmarks/coverage_table.py)
+    BATCH, GELU_STEP, HEADS, HIDDEN, LAYERS, MLP, SILU_STEP, TOKENS, VOCAB, grad_errors, rel_l2,
+    swap_activations, tiny_bert, tiny_vit, vit_inputs,
+)
 
 def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
     """gamma ~ U(0.5, 1.5), beta ~ U(-0.5, 0.5) for every module whose class name contains "norm"."""
@@ -159,34 +147,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Tensor]]
 }
 
 
-# --- the step-derivative reference ----------------------------------------------------------------
-
-
-class _StepBackward(torch.autograd.Function):
-    """Forward: the original activation module, untouched. Backward: dy * levels[k(x)] (the paper's step)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, module: nn.Module, thresholds: tuple, levels: tuple) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.thresholds, ctx.levels = thresholds, levels
-        return module(x)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        (x,) = ctx.saved_tensors
-        k = sum((x > c).long() for c in ctx.thresholds)
-        levels = torch.tensor(ctx.levels, dtype=torch.float64, device=dy.device)
-        return (dy.double() * levels[k]).to(dy.dtype), None, None, None
-
-
-class StepActivation(nn.Module):
-    def __init__(self, original: nn.Module, step: tuple) -> None:
-        super().__init__()
-        self.original = original
-        self.thresholds, self.levels = step
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _StepBackward.apply(x, self.original, self.thresholds, self.levels)
+# --- the step-derivative reference (tests/models.py) ---------------------------------------------
 
 
 def _step_classes() -> dict[type, tuple]:
@@ -202,15 +163,7 @@ def _step_classes() -> dict[type, tuple]:
 
 def with_step_activations(model: nn.Module) -> tuple[nn.Module, int]:
     """``model`` with every GELU/tanh-GELU/SiLU module swapped for ``StepActivation``; and how many were swapped."""
-    classes = _step_classes()
-    swapped = 0
-    for m in list(model.modules()):
-        for child_name, child in list(m.named_children()):
-            step = classes.get(type(child))
-            if step is not None:
-                setattr(m, child_name, StepActivation(child, step))
-                swapped += 1
-    return model, swapped
+    return model, swap_activations(model, _step_classes())
 
 
 # --- one measured run -----------------------------------------------------------------------------
@@ -308,26 +261,3 @@ class Runs:
         return self.get(name, variant, inner, precision).saved_bytes / self.baseline(name, inner, precision).saved_bytes
 
 
-def rel_l2(actual: Tensor, expected: Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    denom = torch.linalg.vector_norm(expected).item()
-    diff = torch.linalg.vector_norm(actual - expected).item()
-    return diff / denom if denom > 0 else diff
-
-
-def grad_errors(actual: dict[str, Tensor | None], expected: dict[str, Tensor | None]) -> dict[str, float]:
-    """Relative L2 per parameter. The denominator is floored at 1e-4 of the largest gradient norm: attention
-    key biases have an analytically zero gradient (softmax is shift-invariant), so what is computed for them
-    is rounding noise that no relative measure can compare. A gradient present on one side only is inf."""
-    assert actual.keys() == expected.keys(), "different parameters"
-    floor = 1e-4 * max(torch.linalg.vector_norm(g.double()).item() for g in expected.values() if g is not None)
-    errors = {}
-    for name, ref in expected.items():
-        got = actual[name]
-        if ref is None or got is None:
-            if not (ref is None and got is None):
-                errors[name] = float("inf")
-            continue
-        diff = torch.linalg.vector_norm((got - ref).double()).item()
-        errors[name] = diff / max(torch.linalg.vector_norm(ref.double()).item(), floor)
-    return errors

@@ -16,29 +16,7 @@ import approxbp_fx
 from approxbp_fx import saved_activation_bytes
 from approxbp_fx.passes.activations import step_for
 
-
-class _StepReference(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, forward, thresholds: tuple[float, ...], levels: tuple[float, ...]) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.thresholds, ctx.levels = thresholds, levels
-        with torch.no_grad():
-            return forward(x)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        (x,) = ctx.saved_tensors
-        k = sum((x > c).long() for c in ctx.thresholds)
-        return dy * torch.tensor(ctx.levels, dtype=dy.dtype)[k], None, None, None
-
-
-class _StepModule(nn.Module):
-    def __init__(self, original: nn.Module, thresholds, levels) -> None:
-        super().__init__()
-        self.original, self.thresholds, self.levels = original, tuple(thresholds), tuple(levels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _StepReference.apply(x, self.original, self.thresholds, self.levels)
+from models import StepActivation
 
 
 def _tiny_clip() -> nn.Module:
@@ -91,7 +69,7 @@ def test_quick_gelu_gradients_match_float64_reference(clip) -> None:
     for parent in list(ref.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, QuickGELUActivation):
-                setattr(parent, name, _StepModule(child, step.thresholds, step.levels))
+                setattr(parent, name, StepActivation(child, (step.thresholds, step.levels)))
     ref(pixel_values=pixels.double()).last_hidden_state.pow(2).mean().backward()
     expected, actual = _grads(ref), _grads(compiled_model)
     assert expected.keys() == actual.keys()

@@ -25,7 +25,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from architectures import MODELS, Runs, grad_errors, rel_l2
+from architectures import MODELS, Runs
+from models import assert_grads_close, grad_errors, rel_l2
 
 FORWARD_TOL = {"eager": 1e-5, "inductor": 1e-4}
 EXACT_GRAD_TOL = 1e-4
@@ -68,12 +69,6 @@ def _dynamo_limits():
 @pytest.fixture(scope="module")
 def runs() -> Runs:
     return Runs()
-
-
-def assert_grads_close(actual, expected, tol: float) -> None:
-    errors = grad_errors(actual, expected)
-    bad = [f"{name}: relative L2 {err:.2e}" for name, err in errors.items() if not err <= tol]
-    assert not bad, f"gradients differ beyond {tol:.0e}:\n" + "\n".join(bad)
 
 
 def test_every_model_is_covered() -> None:

@@ -21,7 +21,8 @@ from approxbp_fx.backend import approxbp_backend
 from approxbp_fx.passes import activations as activation_pass
 
 from models import (
-    bert_inputs, preln_inputs, tiny_bert, tiny_preln, tiny_vit, vit_inputs, with_step_gelu,
+    BNDropoutLN, assert_grads_close, bert_inputs, preln_inputs, rel_l2, tiny_bert, tiny_preln, tiny_vit, vit_inputs,
+    with_step_gelu,
 )
 
 INNERS = ("eager", "inductor")
@@ -38,32 +39,6 @@ def _dynamo_limits():
     # Many compiled copies of the same model class share code objects: don't let Dynamo fall back to eager.
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
         yield
-
-
-def rel_l2(actual: Tensor, expected: Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    denom = torch.linalg.vector_norm(expected).item()
-    diff = torch.linalg.vector_norm(actual - expected).item()
-    return diff / denom if denom > 0 else diff
-
-
-def assert_grads_close(actual: dict[str, Tensor | None], expected: dict[str, Tensor | None], tol: float) -> None:
-    """Relative L2 per parameter, by name. The denominator is floored at 1e-4 of the largest gradient norm:
-    attention key biases have an analytically zero gradient (softmax is shift-invariant), so their computed
-    gradient is rounding noise (~1e-8) that no relative measure can compare."""
-    assert actual.keys() == expected.keys()
-    floor = 1e-4 * max(torch.linalg.vector_norm(g.double()).item() for g in expected.values() if g is not None)
-    bad = []
-    for name, ref in expected.items():
-        got = actual[name]
-        if ref is None or got is None:
-            assert ref is None and got is None, f"{name}: gradient {got is None and 'missing' or 'unexpected'}"
-            continue
-        diff = torch.linalg.vector_norm((got - ref).double()).item()
-        err = diff / max(torch.linalg.vector_norm(ref.double()).item(), floor)
-        if not err <= tol:
-            bad.append(f"{name}: relative L2 {err:.2e}")
-    assert not bad, f"gradients differ beyond {tol:.0e}:\n" + "\n".join(bad)
 
 
 def loss_weight(shape: torch.Size) -> Tensor:
@@ -424,27 +399,10 @@ def test_post_ln_bert_norms_are_rewritten() -> None:
 # --- verification has no side effects ---------------------------------------------------------------
 
 
-class SideEffects(nn.Module):
-    """BatchNorm (running stats), Dropout(0.5) (RNG), an input updated in place, and rewritable sites."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 32)
-        self.bn = nn.BatchNorm1d(32)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(0.5)
-        self.ln = nn.LayerNorm(32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x: Tensor, counter: Tensor) -> Tensor:
-        counter.add_(1)
-        return self.fc2(self.ln(self.drop(self.act(self.bn(self.fc1(x))))))
-
-
 @pytest.fixture(scope="module")
 def side_effects():
     torch.manual_seed(3)
-    model = SideEffects().train()
+    model = BNDropoutLN().train()
     x = torch.randn(16, 8)
 
     eager, eager_counter = copy.deepcopy(model), torch.zeros(())

@@ -21,14 +21,12 @@ from torch import Tensor, nn
 import approxbp_fx
 from approxbp_fx.backend import approxbp_backend
 
-from models import randomize_norm_affines, with_step_gelu
+from models import SILU_STEP, BNDropoutLN, randomize_norm_affines, swap_activations, with_step_gelu
 
 FWD_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 # ReSiLU2 (DESIGN.md section 2): levels are partial sums of a, thresholds c.
-RESILU2_A = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
-RESILU2_C = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,34 +86,10 @@ def tiny(seed: int = 0, **kwargs) -> nn.Module:
     return randomize_norm_affines(Tiny(**kwargs).train(), seed + 1)
 
 
-class StepSiLU(torch.autograd.Function):
-    """SiLU forward; backward dy * levels[k], k = #{i : x > c_i} (the paper's ReSiLU2), in float64."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return F.silu(x)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        k = sum((x > c).long() for c in RESILU2_C)
-        levels = torch.tensor([0.0, RESILU2_A[0], RESILU2_A[0] + RESILU2_A[1], sum(RESILU2_A)], dtype=torch.float64)
-        return (dy.double() * levels[k]).to(dy.dtype)
-
-
-class StepSiLUModule(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return StepSiLU.apply(x)
-
-
 def step_reference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose GELU and SiLU modules backpropagate the paper's step derivatives."""
     model = with_step_gelu(copy.deepcopy(model))
-    for m in list(model.modules()):
-        for name, child in list(m.named_children()):
-            if isinstance(child, nn.SiLU):
-                setattr(m, name, StepSiLUModule())
+    swap_activations(model, {nn.SiLU: SILU_STEP})
     return model
 
 
@@ -504,25 +478,11 @@ def test_checkpoint_after_training_loads_into_plain_model() -> None:
 # --- verification has no side effects, across train/eval toggles --------------------------------
 
 
-class BNDropout(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 32)
-        self.bn = nn.BatchNorm1d(32)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(0.5)
-        self.ln = nn.LayerNorm(32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.ln(self.drop(self.act(self.bn(self.fc1(x))))))
-
-
 def test_verification_no_side_effects_across_train_eval_toggles() -> None:
     """train -> eval -> train forwards (each mode compiles, so verifies, a graph of its own): RNG,
     running statistics, num_batches_tracked and outputs end as after the same plain forwards."""
     torch.manual_seed(3)
-    model = BNDropout()
+    model = BNDropoutLN()
     plain, approx = copy.deepcopy(model), copy.deepcopy(model)
     compiled = ours(approx)
     xs = [torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
