@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._fused import fused, is_tracing, refuse_double_backward
+from ._fused import fused, is_tracing
 
 __all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
 
@@ -86,22 +86,35 @@ def normalize(x: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
 
 @fused
 def _norm_backward(
-    grad_z: Tensor, y_hat: Tensor, rstd: Tensor, weight: Tensor | None, offset: float, rms: bool,
+    grad_z: Tensor | None, y_hat: Tensor, rstd: Tensor, weight: Tensor | None, offset: float, rms: bool,
     need_x: bool, need_w: bool, need_b: bool, x_dtype: torch.dtype,
+    grad_y: Tensor | None = None, grad_r: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of x, weight, bias from the output (all [rows, D] / [D])."""
-    dz = grad_z.to(rstd.dtype)
+    """Gradients of x, weight, bias from the output (all [rows, D] / [D]; rstd [rows, 1]).
+
+    ``grad_y`` and ``grad_r`` (gradients of the y_hat and rstd outputs) only arrive when differentiating
+    a second time: the linears read y_hat without giving it a gradient of its own."""
     y = y_hat.to(rstd.dtype)
-    grad_w = (dz * y).sum(0) if need_w else None
-    grad_b = dz.sum(0) if need_b else None
+    dz = None if grad_z is None else grad_z.to(rstd.dtype)
+    grad_w = (dz * y).sum(0) if need_w and dz is not None else None
+    grad_b = dz.sum(0) if need_b and dz is not None else None
+    if not need_x:
+        return None, grad_w, grad_b
+    # y_hat's vector-Jacobian product, applied to everything that reached y_hat (through z and directly)
+    dy = None if dz is None else (dz * (weight.to(dz.dtype) + offset) if weight is not None else dz)
+    if grad_y is not None:
+        dy = grad_y.to(rstd.dtype) if dy is None else dy + grad_y.to(rstd.dtype)
     grad_x = None
-    if need_x:
-        dy = dz * (weight.to(dz.dtype) + offset) if weight is not None else dz
+    if dy is not None:
         inner = dy - y * (dy * y).mean(-1, keepdim=True)
         if not rms:
             inner = inner - dy.mean(-1, keepdim=True)
-        grad_x = (rstd * inner).to(x_dtype)
-    return grad_x, grad_w, grad_b
+        grad_x = rstd * inner
+    if grad_r is not None:
+        # d rstd / dx = -rstd^2 * y_hat / D, for LayerNorm (shift invariance) and RMSNorm alike
+        from_rstd = (grad_r.to(rstd.dtype) * rstd * rstd / y.shape[-1]) * y
+        grad_x = -from_rstd if grad_x is None else grad_x - from_rstd
+    return (None if grad_x is None else grad_x.to(x_dtype)), grad_w, grad_b
 
 
 def _layer_norm_backward_aten(
@@ -163,27 +176,36 @@ def _row_size(x: Tensor, ndim: int) -> int:
     return size
 
 
+def _rows(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t.reshape(-1, n)
+
+
 def _norm_setup(ctx, inputs, output) -> None:
     x, weight, bias, offset, ndim, _eps, rms, _y, _z = inputs
     _z_out, y_hat, rstd = output
-    ctx.mark_non_differentiable(y_hat, rstd)
+    # y_hat and rstd stay differentiable outputs (a linear's weight gradient is a function of y_hat, so
+    # create_graph=True differentiates through them); unused, their gradients arrive as None, not zeros.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(y_hat, rstd, weight)
     ctx.offset, ctx.ndim, ctx.rms, ctx.x_dtype = offset, ndim, rms, x.dtype
     ctx.has_bias = bias is not None
 
 
-def _norm_backward_autograd(ctx, grad_z: Tensor, _gy: Tensor | None, _gr: Tensor | None):
-    refuse_double_backward(grad_z, "an MS-BP norm", "norms")
+def _norm_backward_autograd(ctx, grad_z: Tensor | None, grad_y: Tensor | None, grad_r: Tensor | None):
     y_hat, rstd, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     d = _row_size(y_hat, ctx.ndim)
-    backward = _norm_backward
-    if not ctx.rms and y_hat.dtype == grad_z.dtype == rstd.dtype and not is_tracing(grad_z):
-        backward = _layer_norm_backward_aten
-    grad_x, grad_w, grad_b = backward(
-        grad_z.reshape(-1, d), y_hat.reshape(-1, d), rstd.reshape(-1, 1), None if weight is None else weight.reshape(-1),
-        ctx.offset, ctx.rms, need_x, need_w and weight is not None, need_b and ctx.has_bias, ctx.x_dtype,
-    )
+    gz, gy, gr = _rows(grad_z, d), _rows(grad_y, d), _rows(grad_r, 1)
+    args = (y_hat.reshape(-1, d), rstd.reshape(-1, 1), None if weight is None else weight.reshape(-1),
+            ctx.offset, ctx.rms, need_x, need_w and weight is not None, need_b and ctx.has_bias, ctx.x_dtype)
+    tracing = is_tracing(y_hat)
+    if torch.is_grad_enabled() and not tracing or grad_z is None or grad_y is not None or grad_r is not None:
+        # create_graph=True or a second-order pass: the formula as plain, differentiable torch ops
+        grad_x, grad_w, grad_b = _norm_backward.__wrapped__(gz, *args, gy, gr)
+    elif not ctx.rms and y_hat.dtype == grad_z.dtype == rstd.dtype and not tracing:
+        grad_x, grad_w, grad_b = _layer_norm_backward_aten(gz, *args)
+    else:
+        grad_x, grad_w, grad_b = _norm_backward(gz, *args)
     if grad_x is not None:
         grad_x = grad_x.view(y_hat.shape)
     if grad_w is not None:
@@ -250,7 +272,7 @@ def _linear_backward(
 
 
 def _linear_backward_autograd(ctx, grad: Tensor):
-    refuse_double_backward(grad, "an MS-BP linear", "norms")
+    # plain torch ops: with create_graph=True they record a graph (through y_hat into the norm's backward)
     y_hat, weight, norm_weight, norm_bias = ctx.saved_tensors
     need_z, _, need_w, need_b = ctx.needs_input_grad[:4]
     grad_z, grad_w, grad_b = _linear_backward(

@@ -73,11 +73,13 @@ class _NormShared(torch.autograd.Function):
         stat_shape = x.shape[: x.dim() - ndim] + (1,) * ndim
         z, y_hat, rstd = z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
         norms._norm_setup(ctx, (x, weight, bias, offset, ndim, eps, rms, y_dtype, z_dtype), (z, y_hat, rstd))
+        # AOTAutograd refuses double backward anyway: keep y_hat and rstd out of the joint graph's gradients
+        ctx.mark_non_differentiable(y_hat, rstd)
         return z, y_hat, rstd
 
     @staticmethod
-    def backward(ctx: Any, grad_z: Tensor, grad_y: Tensor | None, grad_r: Tensor | None):
-        return norms._norm_backward_autograd(ctx, grad_z, grad_y, grad_r)
+    def backward(ctx: Any, grad_z: Tensor | None, _grad_y: Tensor | None, _grad_r: Tensor | None):
+        return norms._norm_backward_autograd(ctx, grad_z, None, None)
 
 
 class _LinearShared(torch.autograd.Function):

@@ -27,14 +27,23 @@ def rand(*shape, dtype=torch.float64, requires_grad=True):
 
 def rms_norm_reference(x, weight=None, eps=1e-6, offset=0.0):
     """HF LLaMA-style RMSNorm, written out (offset=1 is Gemma's ``1 + weight``)."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * (weight.float() + offset)
+        y = y * (weight.to(y.dtype) + offset)
     return y.to(x.dtype)
 
 
-# --- norm configurations: (id, builder(x, D) -> (norm params, fn(x, *params) -> SharedNorm, linear kwargs)) ---
+def layer_norm_reference(x, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm written out (aten's own double backward fails for a bias without a weight)."""
+    var, mean = torch.var_mean(x, -1, correction=0, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+# --- norm configurations: (id, builder(D) -> (norm params, fn(x, *params) -> SharedNorm, linear kwargs));
+# fn.reference(x, *params) is the same norm's z by plain torch ops ---
 
 def _layer(has_w, has_b):
     def build(d):
@@ -42,6 +51,8 @@ def _layer(has_w, has_b):
 
         def norm(x, w, b):
             return ms_layer_norm(x, x.shape[-1], w, b)
+
+        norm.reference = layer_norm_reference
 
         def link(w, b):
             return {"norm_weight": w, "norm_bias": b}
@@ -56,6 +67,8 @@ def _rms(has_w, offset):
 
         def norm(x, w):
             return ms_rms_norm(x, x.shape[-1], w, weight_offset=offset)
+
+        norm.reference = lambda x, w: rms_norm_reference(x, w, offset=offset)
 
         def link(w):
             return {"norm_weight": w, "norm_weight_offset": offset}
@@ -126,6 +139,44 @@ def test_gradcheck_norm_then_linear(norm_id, has_bias, transposed, frozen, shape
         _gradcheck(lambda x, b, *p: chain(x, weight, b, *p), [x, bias, *params])
     else:
         _gradcheck(chain, [x, weight, bias, *params])
+
+
+@pytest.mark.usefixtures("eager_kernels")
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("norm_id", sorted(NORMS))
+def test_gradgradcheck_norm_then_linear(norm_id, transposed):
+    """Exact rewrites stay exact under create_graph=True: second derivatives of norm -> linear against
+    plain autograd of the same layers (a Hessian-vector product) and against finite differences of the
+    first derivatives (gradgradcheck, which also covers y_hat and rstd used directly)."""
+    d = 5
+    params, norm, link = NORMS[norm_id](d)
+    x = rand(2, 3, d)
+    weight = rand(*((d, OUT) if transposed else (OUT, d)))
+    bias = rand(OUT)
+
+    def chain(x, w_lin, b_lin, *p):
+        z, y_hat, rstd = norm(x, *p)
+        out = linear_shared(z, y_hat, w_lin, b_lin, weight_transposed=transposed, **link(*p))
+        return out, z, y_hat, rstd
+
+    def plain(x, w_lin, b_lin, *p):
+        z = norm.reference(x, *p)
+        return (z @ w_lin if transposed else F.linear(z, w_lin)) + b_lin
+
+    inputs = [x, weight, bias, *params]
+    present = [t for t in inputs if t is not None]
+    hvp = [_hessian_vector(lambda *ts: fn(*_refill(inputs, ts)), present) for fn in (lambda *a: chain(*a)[0], plain)]
+    for ours, ref in zip(*hvp):
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
+    _gradcheck(chain, inputs)
+    assert torch.autograd.gradgradcheck(lambda *ts: chain(*_refill(inputs, ts)), present, eps=1e-6, atol=1e-6,
+                                        rtol=1e-4)
+
+
+def _hessian_vector(fn, inputs):
+    """d/d inputs of sum(g^2) where g = d/d inputs of sum(fn(inputs)^2) (taken with create_graph=True)."""
+    grads = torch.autograd.grad(fn(*inputs).pow(2).sum(), inputs, create_graph=True)
+    return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), inputs)
 
 
 @pytest.mark.usefixtures("eager_kernels")
