@@ -204,34 +204,39 @@ def build_fn(model: nn.Module, variant: str, inner: str | None) -> Callable[...,
     return approxbp_fx.compile(model, inner=inner, **options)
 
 
-def measure(model: nn.Module, variant: str, inner: str | None, precision: str, inputs: dict[str, Tensor]) -> Result:
+def measure(model: nn.Module, variant: str, inner: str | None, precision: str, inputs: dict[str, Tensor],
+            device: str = "cpu") -> Result:
     """Forward + backward (loss: a fixed random projection of the logits), then saved bytes on a second call.
 
-    Under ``precision="autocast"`` compile, forward and backward all run inside ``torch.autocast("cpu", bf16)``.
+    Under ``precision="autocast"`` compile, forward and backward all run inside ``torch.autocast(device, bf16)``.
+    Outputs and gradients come back on the CPU.
     """
     import contextlib
 
     import approxbp_fx
 
+    model = model.to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     if precision == "bf16":
         model = model.to(torch.bfloat16)
         inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
-    context = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext())
+    context = (torch.autocast(device, dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext())
     with context:
         fn = build_fn(model, variant, inner)
         model.zero_grad(set_to_none=True)
         out = logits_of(fn(**inputs))
-        (out.float() * loss_weight(out.shape)).sum().backward()
-        grads = {n: None if p.grad is None else p.grad.detach().float().clone() for n, p in model.named_parameters()}
+        (out.float() * loss_weight(out.shape).to(device)).sum().backward()
+        grads = {n: None if p.grad is None else p.grad.detach().float().cpu() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         saved = approxbp_fx.saved_activation_bytes(fn, exclude=[model], **inputs)
-    return Result(out.detach().float().clone(), grads, saved)
+    return Result(out.detach().float().cpu(), grads, saved)
 
 
 class Runs:
     """Lazily computed, cached results per (model, variant, inner, precision); each model built once and deep-copied."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self._models: dict[str, nn.Module] = {}
         self._cache: dict[tuple, Result] = {}
         self.seconds: dict[tuple, float] = {}
@@ -250,7 +255,8 @@ class Runs:
         key = (name, variant, inner, precision)
         if key not in self._cache:
             start = time.perf_counter()
-            self._cache[key] = measure(copy.deepcopy(self.model(name)), variant, inner, precision, MODELS[name][1]())
+            self._cache[key] = measure(copy.deepcopy(self.model(name)), variant, inner, precision, MODELS[name][1](),
+                                       self.device)
             self.seconds[key] = time.perf_counter() - start
         return self._cache[key]
 

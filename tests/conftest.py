@@ -25,6 +25,15 @@ import torch  # noqa: E402
 torch._dynamo.config.recompile_limit = 64
 
 
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """A test that takes ``device`` runs on the CPU, and again on CUDA where a GPU is present (not in CI)."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

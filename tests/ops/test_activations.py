@@ -44,9 +44,9 @@ def step_reference(x: torch.Tensor, dy: torch.Tensor, a, c) -> torch.Tensor:
     return dy.double() * level
 
 
-def make_input(shape, dtype, scale=4.0) -> torch.Tensor:
+def make_input(shape, dtype, scale=4.0, device="cpu") -> torch.Tensor:
     # scale 4 puts many elements beyond the outer thresholds (|c| ~ 3.2 for GELU)
-    return (torch.randn(shape) * scale).to(dtype)
+    return (torch.randn(shape) * scale).to(device=device, dtype=dtype)
 
 
 # non-contiguous views: (base shape, view of the base)
@@ -76,14 +76,14 @@ def assert_backward_matches(grad: torch.Tensor, x: torch.Tensor, dy: torch.Tenso
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name,op,ref_fwd,a,c", ACTS, ids=ACT_IDS)
-def test_forward_bitwise_and_backward_step(name, op, ref_fwd, a, c, shape, dtype):
-    x = make_input(shape, dtype).requires_grad_()
+def test_forward_bitwise_and_backward_step(name, op, ref_fwd, a, c, shape, dtype, device):
+    x = make_input(shape, dtype, device=device).requires_grad_()
     y = op(x)
     expected = ref_fwd(x.detach())
     assert y.dtype == expected.dtype and y.shape == expected.shape
     assert torch.equal(y, expected), f"{name} forward is not bitwise equal for {dtype} {shape}"
 
-    dy = torch.randn(shape).to(dtype)
+    dy = torch.randn(shape).to(device=device, dtype=dtype)
     y.backward(dy)
     assert_backward_matches(x.grad, x, dy, a, c)
 
@@ -91,19 +91,19 @@ def test_forward_bitwise_and_backward_step(name, op, ref_fwd, a, c, shape, dtype
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name,op,ref_fwd,a,c", ACTS, ids=ACT_IDS)
-def test_non_contiguous_inputs(name, op, ref_fwd, a, c, layout, dtype):
+def test_non_contiguous_inputs(name, op, ref_fwd, a, c, layout, dtype, device):
     base_shape, view_of = LAYOUTS[layout]
-    base = make_input(base_shape, dtype).requires_grad_()
+    base = make_input(base_shape, dtype, device=device).requires_grad_()
     x = view_of(base)
     assert not x.is_contiguous()
     y = op(x)
     assert torch.equal(y, ref_fwd(x.detach())), f"{name} forward differs for {layout} {dtype}"
-    dy = torch.randn(x.shape).to(dtype)
+    dy = torch.randn(x.shape).to(device=device, dtype=dtype)
     y.backward(dy)
     # the gradient lands in the viewed elements of the base and nowhere else
     grad_x = view_of(base.grad)
     assert_backward_matches(grad_x, x, dy, a, c)
-    outside = torch.ones(base_shape, dtype=torch.bool)
+    outside = torch.ones(base_shape, dtype=torch.bool, device=device)
     view_of(outside).fill_(False)
     assert not base.grad[outside].any()
 
@@ -122,7 +122,7 @@ def test_backward_through_strided_view_of_leaf(name, op, ref_fwd, a, c):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,op,ref_fwd,a,c", ACTS, ids=ACT_IDS)
-def test_backward_at_threshold_boundaries(name, op, ref_fwd, a, c, dtype):
+def test_backward_at_threshold_boundaries(name, op, ref_fwd, a, c, dtype, device):
     """x exactly at (and one ulp around) each threshold, as representable in the dtype: the step is
     defined by x > c_i with c_i the float64 constant, whatever the input dtype."""
     xs = []
@@ -133,7 +133,7 @@ def test_backward_at_threshold_boundaries(name, op, ref_fwd, a, c, dtype):
         for _ in range(7):
             xs.append(t.clone())
             t = torch.nextafter(t, torch.tensor(1e9, dtype=dtype))
-    x = torch.stack(xs).requires_grad_()
+    x = torch.stack(xs).to(device).requires_grad_()
     dy = torch.ones_like(x)
     op(x).backward(dy)
     assert_backward_matches(x.grad, x, dy, a, c)
@@ -164,8 +164,8 @@ def test_gradient_is_not_the_exact_derivative():
 N = 1_000_003
 
 
-def test_saved_bytes_eager():
-    x = torch.randn(N, requires_grad=True)
+def test_saved_bytes_eager(device):
+    x = torch.randn(N, device=device, requires_grad=True)
     assert saved_activation_bytes(F.gelu, x) == 4 * N == 4_000_012
     assert saved_activation_bytes(regelu2, x) <= (N + 3) // 4 + 64 == 250_001 + 64
     assert saved_activation_bytes(resilu2, x) <= (N + 3) // 4 + 64
@@ -173,9 +173,9 @@ def test_saved_bytes_eager():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_saved_bytes_compiled(backend, fresh_dynamo):
+def test_saved_bytes_compiled(backend, device, fresh_dynamo):
     n = 4099  # odd: not a multiple of 4
-    x = torch.randn(n, requires_grad=True)
+    x = torch.randn(n, device=device, requires_grad=True)
     compiled = torch.compile(lambda t: regelu2(t * 2), backend=backend)
     plain = torch.compile(lambda t: F.gelu(t * 2), backend=backend)
     y = compiled(x)
@@ -185,7 +185,7 @@ def test_saved_bytes_compiled(backend, fresh_dynamo):
     # the baseline keeps a full-width fp32 tensor: the saving is real in this mode
     assert saved_activation_bytes(plain, x) >= 4 * n
     # and the compiled backward is still the step derivative
-    dy = torch.randn(n)
+    dy = torch.randn(n, device=device)
     y.backward(dy)
     assert_backward_matches(x.grad, x, 2 * dy, GELU_A, [ci / 2 for ci in GELU_C])
 
@@ -194,8 +194,8 @@ def test_saved_bytes_compiled(backend, fresh_dynamo):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(3, 5, 7), (1, 1, 33)], ids=str)
-def test_opcheck_step_act(shape, dtype):
-    x = make_input(shape, dtype).requires_grad_()
+def test_opcheck_step_act(shape, dtype, device):
+    x = make_input(shape, dtype, device=device).requires_grad_()
     levels = [0.0, GELU_A[0], GELU_A[0] + GELU_A[1], sum(GELU_A)]
     torch.library.opcheck(torch.ops.approxbp.step_act.default, (x, "gelu", list(GELU_C), levels))
     levels = [0.0, SILU_A[0], SILU_A[0] + SILU_A[1], sum(SILU_A)]

@@ -88,6 +88,11 @@ NORMS = {
 }
 
 
+def on(device, *tensors):
+    """The tensors as leaves on ``device`` (None stays None, requires_grad kept)."""
+    return [None if t is None else t.detach().to(device).requires_grad_(t.requires_grad) for t in tensors]
+
+
 def _gradcheck(fn, inputs):
     present = [t for t in inputs if t is not None]
     assert torch.autograd.gradcheck(lambda *ts: fn(*_refill(inputs, ts)), present, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -123,12 +128,11 @@ LINEAR_IDS = [f"{'bias' if b else 'nobias'}-{'WT' if t else 'W'}-{'frozen' if f 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("has_bias,transposed,frozen", LINEAR_CASES, ids=LINEAR_IDS)
 @pytest.mark.parametrize("norm_id", sorted(NORMS))
-def test_gradcheck_norm_then_linear(norm_id, has_bias, transposed, frozen, shape):
+def test_gradcheck_norm_then_linear(norm_id, has_bias, transposed, frozen, shape, device):
     d = shape[-1]
     params, norm, link = NORMS[norm_id](d)
-    x = rand(*shape)
-    weight = rand(*((d, OUT) if transposed else (OUT, d)), requires_grad=not frozen)
-    bias = rand(OUT) if has_bias else None
+    x, weight, bias, *params = on(device, rand(*shape), rand(*((d, OUT) if transposed else (OUT, d)),
+                                  requires_grad=not frozen), rand(OUT) if has_bias else None, *params)
 
     def chain(x, w_lin, b_lin, *p):
         z, y_hat, _ = norm(x, *p)
@@ -144,15 +148,14 @@ def test_gradcheck_norm_then_linear(norm_id, has_bias, transposed, frozen, shape
 @pytest.mark.usefixtures("eager_kernels")
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("norm_id", sorted(NORMS))
-def test_gradgradcheck_norm_then_linear(norm_id, transposed):
+def test_gradgradcheck_norm_then_linear(norm_id, transposed, device):
     """Exact rewrites stay exact under create_graph=True: second derivatives of norm -> linear against
     plain autograd of the same layers (a Hessian-vector product) and against finite differences of the
     first derivatives (gradgradcheck, which also covers y_hat and rstd used directly)."""
     d = 5
     params, norm, link = NORMS[norm_id](d)
-    x = rand(2, 3, d)
-    weight = rand(*((d, OUT) if transposed else (OUT, d)))
-    bias = rand(OUT)
+    x, weight, bias, *params = on(device, rand(2, 3, d), rand(*((d, OUT) if transposed else (OUT, d))), rand(OUT),
+                                  *params)
 
     def chain(x, w_lin, b_lin, *p):
         z, y_hat, rstd = norm(x, *p)
@@ -204,11 +207,10 @@ def _rel_close(actual, expected, rtol=1e-5):
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(2, 3, 256)], ids=str)
-def test_forward_layer_norm_and_linear_match_torch(shape):
+def test_forward_layer_norm_and_linear_match_torch(shape, device):
     d = shape[-1]
-    x = torch.randn(shape) * 3 + 1
-    w, b = torch.randn(d), torch.randn(d)
-    weight, bias = torch.randn(OUT, d), torch.randn(OUT)
+    x, w, b, weight, bias = on(device, torch.randn(shape) * 3 + 1, torch.randn(d), torch.randn(d),
+                               torch.randn(OUT, d), torch.randn(OUT))
     z, y_hat, rstd = ms_layer_norm(x, d, w, b)
     ref = F.layer_norm(x, (d,), w, b)
     assert z.dtype == y_hat.dtype == torch.float32 and z.shape == y_hat.shape == x.shape
@@ -222,11 +224,9 @@ def test_forward_layer_norm_and_linear_match_torch(shape):
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("shape", SHAPES + [(2, 3, 256)], ids=str)
-def test_forward_rms_norm_matches_hand_written(shape, offset):
+def test_forward_rms_norm_matches_hand_written(shape, offset, device):
     d = shape[-1]
-    x = torch.randn(shape) * 3
-    w = torch.randn(d)
-    weight = torch.randn(OUT, d)
+    x, w, weight = on(device, torch.randn(shape) * 3, torch.randn(d), torch.randn(OUT, d))
     z, y_hat, _ = ms_rms_norm(x, d, w, weight_offset=offset)
     ref = rms_norm_reference(x, w, offset=offset)
     _rel_close(z, ref)
@@ -250,10 +250,10 @@ def test_invalid_arguments():
 # --- registration -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_opcheck_norm_shared(shape):
+def test_opcheck_norm_shared(shape, device):
     d = shape[-1]
-    x = torch.randn(shape, requires_grad=True)
-    w, b = torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True)
+    x, w, b = on(device, torch.randn(shape, requires_grad=True), torch.randn(d, requires_grad=True),
+                 torch.randn(d, requires_grad=True))
     f32 = torch.float32
     op = torch.ops.approxbp.norm_shared.default
     torch.library.opcheck(op, (x, w, b, 0.0, 1, 1e-5, False, f32, f32))
@@ -315,9 +315,9 @@ def test_saved_bytes_qkv_eager():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_saved_bytes_qkv_compiled(backend, fresh_dynamo):
-    x = torch.randn(B, T, D, requires_grad=True)
-    model = QKV(D)
+def test_saved_bytes_qkv_compiled(backend, device, fresh_dynamo):
+    x = torch.randn(B, T, D, device=device, requires_grad=True)
+    model = QKV(D).to(device)
     compiled = torch.compile(model, backend=backend)
     got = saved_activation_bytes(compiled, x)
     assert abs(got - expected_shared_bytes()) <= 0.01 * expected_shared_bytes(), got
