@@ -14,6 +14,11 @@ backward rebuilds z = y_hat * (gamma + offset) + beta when (and only when) the w
 
 Forwards are opaque custom ops, so AOTAutograd's partitioner cannot recompute y_hat and keep x
 instead; backwards are plain torch code that the partitioner hands to inductor for fusion.
+
+Double backward is exact: y_hat and rstd are differentiable outputs (a linear's weight gradient is a
+function of y_hat), and the norm's backward also takes their gradients, using that both norms' rstd
+depends on x only through y_hat: d rstd / dx = -rstd^2 * y_hat / D. With create_graph=True the
+backwards run as plain differentiable torch ops (no fused kernels).
 """
 
 from __future__ import annotations
