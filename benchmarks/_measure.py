@@ -309,9 +309,11 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
         sync(device)
         peak = torch.cuda.max_memory_allocated()
     else:
-        resting = _status_kib("VmRSS") * 1024
+        # reset the high-water mark first: RSS read afterwards cannot exceed it (pages freed in between
+        # would otherwise leave the reset mark below the resting RSS)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        resting = _status_kib("VmRSS") * 1024
         train_step(fn, inputs, opt, amp)
         peak = _status_kib("VmHWM") * 1024
     return {"peak_bytes": peak, "resting_bytes": resting}

@@ -171,7 +171,7 @@ def with_step_activations(model: nn.Module) -> tuple[nn.Module, int]:
 # precision -> how the model runs: fp32; fp32 weights under bf16 autocast; weights cast to bf16
 PRECISIONS = ("fp32", "autocast", "bf16")
 # variant -> how the model is called (inner is ignored for the eager variants)
-VARIANTS = ("eager", "step", "torch.compile", "approxbp", "approxbp_exact", "approxbp_no_norms")
+VARIANTS = ("eager", "step", "torch.compile", "dynamo_eager", "approxbp", "approxbp_exact", "approxbp_no_norms")
 
 
 def logits_of(out) -> Tensor:
@@ -200,6 +200,8 @@ def build_fn(model: nn.Module, variant: str, inner: str | None) -> Callable[...,
         return model
     if variant == "torch.compile":
         return torch.compile(model)
+    if variant == "dynamo_eager":  # Dynamo's graph run eagerly: what tracing alone changes
+        return torch.compile(model, backend="eager")
     options = {"approxbp": {}, "approxbp_exact": {"activations": False}, "approxbp_no_norms": {"norms": False}}[variant]
     return approxbp_fx.compile(model, inner=inner, **options)
 
@@ -250,7 +252,7 @@ class Runs:
         import copy
         import time
 
-        if variant in ("eager", "step", "torch.compile"):
+        if variant in ("eager", "step", "torch.compile", "dynamo_eager"):
             inner = None
         key = (name, variant, inner, precision)
         if key not in self._cache:
