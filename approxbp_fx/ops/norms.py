@@ -204,7 +204,7 @@ def _norm_backward_autograd(ctx, grad_z: Tensor | None, grad_y: Tensor | None, g
     args = (y_hat.reshape(-1, d), rstd.reshape(-1, 1), None if weight is None else weight.reshape(-1),
             ctx.offset, ctx.rms, need_x, need_w and weight is not None, need_b and ctx.has_bias, ctx.x_dtype)
     tracing = is_tracing(y_hat)
-    if torch.is_grad_enabled() and not tracing or grad_z is None or grad_y is not None or grad_r is not None:
+    if (torch.is_grad_enabled() and not tracing) or grad_z is None or grad_y is not None or grad_r is not None:
         # create_graph=True or a second-order pass: the formula as plain, differentiable torch ops
         grad_x, grad_w, grad_b = _norm_backward.__wrapped__(gz, *args, gy, gr)
     elif not ctx.rms and y_hat.dtype == grad_z.dtype == rstd.dtype and not tracing:
