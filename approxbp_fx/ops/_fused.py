@@ -68,8 +68,9 @@ def _fresh_copy(fn: Callable[..., object], n: int) -> Callable[..., object]:
 
 
 def refuse_double_backward(grad: torch.Tensor, what: str, option: str) -> None:
-    """Raise when a backward runs with create_graph=True (grad mode on, outside tracing): the ops'
-    backward formulas are not differentiable, and a silently wrong second derivative is worse than none."""
+    """Raise when a backward runs with create_graph=True (grad mode on, outside tracing). For the
+    activations: a step function's derivative is zero almost everywhere, which would be a silently wrong
+    second derivative (the norms' backwards are differentiable and never call this)."""
     if torch.is_grad_enabled() and not is_tracing(grad):
         raise RuntimeError(
             f"approxbp: double backward (create_graph=True) through {what} is not supported. Compile with "
