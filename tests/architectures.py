@@ -206,16 +206,25 @@ def build_fn(model: nn.Module, variant: str, inner: str | None) -> Callable[...,
     return approxbp_fx.compile(model, inner=inner, **options)
 
 
+def run_and_measure(model: nn.Module, fn: Callable[..., object], *args: Tensor, **kwargs: Tensor) -> Result:
+    """Forward + backward of ``fn`` (which runs ``model``'s parameters; loss: a fixed random projection of the
+    logits), then saved bytes on a second call. Outputs and gradients come back as float32 on the CPU."""
+    import approxbp_fx
+
+    model.zero_grad(set_to_none=True)
+    out = logits_of(fn(*args, **kwargs))
+    (out.float() * loss_weight(out.shape).to(out.device)).sum().backward()
+    grads = {n: None if p.grad is None else p.grad.detach().float().cpu() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    saved = approxbp_fx.saved_activation_bytes(fn, *args, exclude=[model], **kwargs)
+    return Result(out.detach().float().cpu(), grads, saved)
+
+
 def measure(model: nn.Module, variant: str, inner: str | None, precision: str, inputs: dict[str, Tensor],
             device: str = "cpu") -> Result:
-    """Forward + backward (loss: a fixed random projection of the logits), then saved bytes on a second call.
-
-    Under ``precision="autocast"`` compile, forward and backward all run inside ``torch.autocast(device, bf16)``.
-    Outputs and gradients come back on the CPU.
-    """
+    """``run_and_measure`` of one variant on ``device``. Under ``precision="autocast"`` compile, forward and
+    backward all run inside ``torch.autocast(device, bf16)``."""
     import contextlib
-
-    import approxbp_fx
 
     model = model.to(device)
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -224,28 +233,23 @@ def measure(model: nn.Module, variant: str, inner: str | None, precision: str, i
         inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
     context = (torch.autocast(device, dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext())
     with context:
-        fn = build_fn(model, variant, inner)
-        model.zero_grad(set_to_none=True)
-        out = logits_of(fn(**inputs))
-        (out.float() * loss_weight(out.shape).to(device)).sum().backward()
-        grads = {n: None if p.grad is None else p.grad.detach().float().cpu() for n, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-        saved = approxbp_fx.saved_activation_bytes(fn, exclude=[model], **inputs)
-    return Result(out.detach().float().cpu(), grads, saved)
+        return run_and_measure(model, build_fn(model, variant, inner), **inputs)
 
 
 class Runs:
     """Lazily computed, cached results per (model, variant, inner, precision); each model built once and deep-copied."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", models: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Tensor]]]]
+                 | None = None) -> None:
         self.device = device
+        self.models = MODELS if models is None else models
         self._models: dict[str, nn.Module] = {}
         self._cache: dict[tuple, Result] = {}
         self.seconds: dict[tuple, float] = {}
 
     def model(self, name: str) -> nn.Module:
         if name not in self._models:
-            self._models[name] = MODELS[name][0]()
+            self._models[name] = self.models[name][0]()
         return self._models[name]
 
     def get(self, name: str, variant: str, inner: str | None = None, precision: str = "fp32") -> Result:
@@ -257,7 +261,7 @@ class Runs:
         key = (name, variant, inner, precision)
         if key not in self._cache:
             start = time.perf_counter()
-            self._cache[key] = measure(copy.deepcopy(self.model(name)), variant, inner, precision, MODELS[name][1](),
+            self._cache[key] = measure(copy.deepcopy(self.model(name)), variant, inner, precision, self.models[name][1](),
                                        self.device)
             self.seconds[key] = time.perf_counter() - start
         return self._cache[key]
@@ -269,3 +273,9 @@ class Runs:
         return self.get(name, variant, inner, precision).saved_bytes / self.baseline(name, inner, precision).saved_bytes
 
 
+def assert_forward_matches_eager(runs: Runs, name: str, inner: str, tol: float) -> None:
+    """Both approxbp variants (approximate and exact) compute the plain eager forward, within ``tol`` relative L2."""
+    expected = runs.get(name, "eager").out
+    for variant in ("approxbp", "approxbp_exact"):
+        err = rel_l2(runs.get(name, variant, inner).out, expected)
+        assert err <= tol, f"{variant}: forward relative L2 {err:.2e}"

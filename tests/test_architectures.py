@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from architectures import MODELS, Runs
+from architectures import MODELS, Runs, assert_forward_matches_eager
 from models import assert_grads_close, grad_errors, rel_l2
 
 FORWARD_TOL = {"eager": 1e-5, "inductor": 1e-4}
@@ -82,10 +82,7 @@ fp32_runs = pytest.mark.parametrize(("name", "inner"), FP32_RUNS)
 
 @fp32_runs
 def test_forward_matches_eager(runs: Runs, name: str, inner: str) -> None:
-    expected = runs.get(name, "eager").out
-    for variant in ("approxbp", "approxbp_exact"):
-        err = rel_l2(runs.get(name, variant, inner).out, expected)
-        assert err <= FORWARD_TOL[inner], f"{variant}: forward relative L2 {err:.2e}"
+    assert_forward_matches_eager(runs, name, inner, FORWARD_TOL[inner])
 
 
 @fp32_runs

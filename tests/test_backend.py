@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import approxbp_fx
 from approxbp_fx.backend import approxbp_backend
 from approxbp_fx.passes import activations as activation_pass
 
+from architectures import Runs, assert_forward_matches_eager, run_and_measure
 from models import (
     BNDropoutLN, assert_grads_close, bert_inputs, preln_inputs, rel_l2, tiny_bert, tiny_preln, tiny_vit, vit_inputs,
     with_step_gelu,
@@ -41,71 +41,9 @@ def _dynamo_limits():
         yield
 
 
-def loss_weight(shape: torch.Size) -> Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(123))
-
-
-def logits_of(out) -> Tensor:
-    return out.logits if hasattr(out, "logits") else out
-
-
-@dataclass
-class Result:
-    out: Tensor
-    grads: dict[str, Tensor | None]
-    saved_bytes: int
-
-
-def measure(model: nn.Module, fn, args: tuple, kwargs: dict) -> Result:
-    """Forward + backward of ``fn`` (which runs ``model``'s parameters), then saved bytes on a fresh call."""
-    model.zero_grad(set_to_none=True)
-    out = logits_of(fn(*args, **kwargs))
-    (out * loss_weight(out.shape)).sum().backward()
-    grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    saved = approxbp_fx.saved_activation_bytes(fn, *args, exclude=[model], **kwargs)
-    return Result(out.detach().clone(), grads, saved)
-
-
-class Runs:
-    """Lazily computed, cached results per (model, variant, inner)."""
-
-    def __init__(self) -> None:
-        self._models: dict[str, nn.Module] = {}
-        self._cache: dict[tuple, Result] = {}
-
-    def model(self, name: str) -> nn.Module:
-        if name not in self._models:
-            self._models[name] = MODELS[name][0]()
-        return self._models[name]
-
-    def get(self, name: str, variant: str, inner: str | None = None) -> Result:
-        key = (name, variant, inner)
-        if key not in self._cache:
-            model = copy.deepcopy(self.model(name))
-            inputs = MODELS[name][1]()
-            if variant == "eager":
-                fn = model
-            elif variant == "step_reference":
-                fn = with_step_gelu(model)
-            elif variant == "torch.compile":
-                fn = torch.compile(model)
-            elif variant == "approxbp":
-                fn = approxbp_fx.compile(model, inner=inner)
-            elif variant == "approxbp_exact":
-                fn = torch.compile(model, backend="approxbp", options={"inner": inner, "activations": False})
-            else:
-                raise KeyError(variant)
-            self._cache[key] = measure(model, fn, (), inputs)
-        return self._cache[key]
-
-    def baseline(self, name: str, inner: str) -> Result:
-        return self.get(name, "eager" if inner == "eager" else "torch.compile")
-
-
 @pytest.fixture(scope="module")
 def runs() -> Runs:
-    return Runs()
+    return Runs(models=MODELS)
 
 
 # --- HF ViT and BERT, each inner ------------------------------------------------------------------
@@ -117,10 +55,7 @@ model_names = pytest.mark.parametrize("name", list(MODELS))
 @model_names
 @model_and_inner
 def test_forward_matches_eager(runs: Runs, name: str, inner: str) -> None:
-    expected = runs.get(name, "eager").out
-    for variant in ("approxbp", "approxbp_exact"):
-        err = rel_l2(runs.get(name, variant, inner).out, expected)
-        assert err <= FORWARD_TOL[inner], f"{variant}: forward relative L2 {err:.2e}"
+    assert_forward_matches_eager(runs, name, inner, FORWARD_TOL[inner])
 
 
 @model_names
@@ -132,14 +67,14 @@ def test_gradients_exact_without_activations(runs: Runs, name: str, inner: str) 
 @model_names
 @model_and_inner
 def test_gradients_match_step_reference(runs: Runs, name: str, inner: str) -> None:
-    reference = runs.get(name, "step_reference")
+    reference = runs.get(name, "step")
     assert_grads_close(runs.get(name, "approxbp", inner).grads, reference.grads, STEP_GRAD_TOL)
 
 
 @model_names
 def test_step_reference_is_not_exact_gelu(runs: Runs, name: str) -> None:
     """Guards the test above: the step derivative moves gradients far beyond its tolerance."""
-    step, exact = runs.get(name, "step_reference").grads, runs.get(name, "eager").grads
+    step, exact = runs.get(name, "step").grads, runs.get(name, "eager").grads
     worst = max(rel_l2(step[n], g) for n, g in exact.items() if g is not None)
     assert worst > 10 * STEP_GRAD_TOL
 
@@ -292,15 +227,15 @@ def test_forward_mismatch_is_caught(broken_gelu) -> None:
 @pytest.fixture(scope="module")
 def preln():
     model, inputs = tiny_preln(), preln_inputs()
-    results = {"eager": measure(m := copy.deepcopy(model), m, inputs, {}),
-               "step_reference": measure(m := with_step_gelu(copy.deepcopy(model)), m, inputs, {}),
-               "backend": measure(m := copy.deepcopy(model), approxbp_fx.compile(m, inner="eager"), inputs, {})}
+    results = {"eager": run_and_measure(m := copy.deepcopy(model), m, *inputs),
+               "step_reference": run_and_measure(m := with_step_gelu(copy.deepcopy(model)), m, *inputs),
+               "backend": run_and_measure(m := copy.deepcopy(model), approxbp_fx.compile(m, inner="eager"), *inputs)}
     reports = {}
     for variant, options in (("fx", {}), ("fx_exact", {"activations": False})):
         m = copy.deepcopy(model)
         gm = torch.fx.symbolic_trace(m)
         rewritten, reports[variant] = approxbp_fx.rewrite(gm, example_inputs=inputs, **options)
-        results[variant] = measure(rewritten, rewritten, inputs, {})
+        results[variant] = run_and_measure(rewritten, rewritten, *inputs)
     return results, reports
 
 
