@@ -21,8 +21,11 @@ import torch  # noqa: E402
 # The ops compile their bodies once per argument combination (dtype, bias or not, which grads are
 # needed, ...). One test process visits far more combinations than a model does; without this, which
 # tests hit Dynamo's per-function limit (8) would depend on test order.
+# Many compiled copies of the same model classes (tests/architectures.py) also share code objects: Dynamo
+# must not fall back to eager for them either.
 # tests/ops/test_norms.py::test_ops_survive_dynamos_recompile_limit lowers it again on purpose (with config.patch).
 torch._dynamo.config.recompile_limit = 64
+torch._dynamo.config.accumulated_recompile_limit = 4096
 
 
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

@@ -23,7 +23,6 @@ RMSNorm, SwiGLU) and BERT shares RoBERTa's; their inductor behaviour is that of 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from architectures import MODELS, Runs, assert_forward_matches_eager
 from models import assert_grads_close, grad_errors, rel_l2
@@ -57,13 +56,6 @@ INDUCTOR_MODELS = [name for name, inner in FP32_RUNS if inner == "inductor"]
 # SwiGLU/GeGLU MLPs: their gates are left exact under the inductor inner
 GATED_MODELS = {"llama", "mistral", "qwen2", "gemma", "lora_llama", "lora_all_llama"}
 AUTOCAST_RUNS = [(name, inner) for name in AUTOCAST_RATIO for inner in ("eager", "inductor")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _dynamo_limits():
-    # Many compiled copies of the same model classes share code objects: don't let Dynamo fall back to eager.
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-        yield
 
 
 @pytest.fixture(scope="module")

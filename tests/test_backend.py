@@ -34,13 +34,6 @@ BYTES_RATIO = 0.70
 MODELS = {"vit": (tiny_vit, vit_inputs), "bert": (tiny_bert, bert_inputs)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _dynamo_limits():
-    # Many compiled copies of the same model class share code objects: don't let Dynamo fall back to eager.
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs() -> Runs:
     return Runs(models=MODELS)

@@ -47,9 +47,8 @@ GATED = {"llama"}  # SwiGLU: gates stay exact under the inductor inner (the back
 
 
 @pytest.fixture(scope="module")
-def runs():
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-        yield Runs(device="cuda")
+def runs() -> Runs:
+    return Runs(device="cuda")
 
 
 @pytest.mark.parametrize(("name", "inner", "precision"), PARAMS)

@@ -29,12 +29,6 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 # ReSiLU2 (DESIGN.md section 2): levels are partial sums of a, thresholds c.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _dynamo_limits():
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-        yield
-
-
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
     torch._dynamo.reset()
