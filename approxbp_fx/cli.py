@@ -67,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--hidden", type=int, help="hidden size override (hidden_size / n_embd / d_model)")
     ex.add_argument("--intermediate", type=int, help="MLP width override (intermediate_size / n_inner / d_ff)")
     ex.add_argument("--heads", type=int, help="attention heads override; default with --hidden: hidden/64 (at least 1)")
-    ex.add_argument("--inner", choices=("eager", "aot_eager", "inductor"), default="eager",
-                    help="inner compiler for the approxbp measurement; default eager (fastest to start)")
+    ex.add_argument("--inner", default="eager", metavar="INNER",
+                    help="inner compiler for the approxbp measurement: eager, aot_eager, inductor (or one registered "
+                         "with approxbp_fx.inners.register_inner); default eager (fastest to start)")
     ex.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model and input dtype")
     ex.add_argument("--no-activations", action="store_true", help="no Approx-BP at GELU/SiLU (exact gradients only)")
     ex.add_argument("--no-norms", action="store_true", help="no MS-BP at norm -> linear sites")
@@ -193,6 +194,11 @@ def explain_command(args: argparse.Namespace) -> int:
     import torch
 
     import approxbp_fx
+    from approxbp_fx._compat import reset_dynamo
+    from approxbp_fx.inners import INNERS
+
+    if args.inner not in INNERS:
+        raise UsageError(f"--inner must be one of {', '.join(INNERS)}, got {args.inner!r}")
 
     config = configure(load_config(args.model), args.layers, args.hidden, args.intermediate, args.heads)
     if args.image is not None:
@@ -213,7 +219,7 @@ def explain_command(args: argparse.Namespace) -> int:
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
     print(f"model: {type(model).__name__} ({config.model_type}), {n_params / 1e6:.2f}M parameters, {args.dtype}; inputs: {shapes}")
 
-    options = {"activations": not args.no_activations, "norms": not args.no_norms}
+    options = {"activations": not args.no_activations, "norms": not args.no_norms, "inner": args.inner}
     _progress("tracing and rewriting (explain) ...")
     report = approxbp_fx.explain(model, options=options, **inputs)
     print()
@@ -224,12 +230,12 @@ def explain_command(args: argparse.Namespace) -> int:
     rows = [("plain eager", approxbp_fx.saved_activation_bytes(model, **inputs))]
     if args.inner != "eager":
         _progress(f"measuring saved bytes: plain torch.compile(backend={args.inner!r}) (compiling) ...")
-        torch._dynamo.reset()
+        reset_dynamo()
         plain = torch.compile(model, backend=args.inner)
         rows.append((f"plain torch.compile ({args.inner})", approxbp_fx.saved_activation_bytes(plain, exclude=[model], **inputs)))
     _progress(f"measuring saved bytes: approxbp (inner={args.inner}, compiling) ...")
-    torch._dynamo.reset()
-    compiled = approxbp_fx.compile(model, inner=args.inner, **options)
+    reset_dynamo()
+    compiled = approxbp_fx.compile(model, **options)
     approx = approxbp_fx.saved_activation_bytes(compiled, exclude=[model], **inputs)
     base = rows[-1][1]
     rows.append((f"approxbp ({args.inner})", approx))

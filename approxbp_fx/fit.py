@@ -52,7 +52,13 @@ per process for torch.optim's first use.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+import pathlib
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,7 +67,10 @@ from torch import Tensor
 
 from .ops.activations import StepDerivative
 
-__all__ = ["fit_step_derivative", "fit_interval", "Interval", "QUAD_POINTS", "step_error"]
+__all__ = ["fit_step_derivative", "fit_interval", "Interval", "QUAD_POINTS", "step_error", "cached_step_derivative",
+           "cache_dir"]
+
+log = logging.getLogger("approxbp_fx")
 
 #: Uniform points of the trapezoid rule that defines ``StepDerivative.error`` (and the objective's grid).
 QUAD_POINTS = 65537
@@ -355,3 +364,62 @@ def _result(f: Callable, iv: Interval, c: Tensor, s0: float, b: float, a: list[f
     step = StepDerivative(tuple(c.tolist()), tuple(levels))
     error = step_error(f, step, iv.lo, iv.hi, intercept=b)
     return StepDerivative(step.thresholds, step.levels, error)
+
+
+# Bump when the fit's method changes: cached constants of an older method are then refitted.
+_FIT_VERSION = 1
+
+
+def cache_dir() -> pathlib.Path:
+    """Where fitted constants are kept: ``$APPROXBP_FX_CACHE_DIR``, else ``$XDG_CACHE_HOME/approxbp_fx``,
+    else ``~/.cache/approxbp_fx``."""
+    explicit = os.environ.get("APPROXBP_FX_CACHE_DIR")
+    if explicit:
+        return pathlib.Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "approxbp_fx"
+
+
+def _fingerprint(f: Callable[[Tensor], Tensor]) -> str:
+    """A digest of what f computes (its values on a float64 grid): a changed reference is refitted."""
+    x = torch.linspace(-16.0, 16.0, 2049, dtype=_DT)
+    return hashlib.sha256(_eval(f, x).numpy().tobytes()).hexdigest()[:16]
+
+
+_memo: dict[str, StepDerivative] = {}
+
+
+def cached_step_derivative(name: str, f: Callable[[Tensor], Tensor], bits: int) -> StepDerivative:
+    """``fit_step_derivative(f, bits)``, fitted at most once per machine.
+
+    Results are kept in ``cache_dir() / "step_derivatives.json"``, keyed by the name, the width, a
+    fingerprint of f's values and the fit's version; within a process they are also kept in memory. An
+    unreadable or unwritable cache only costs a refit (logged), never an error."""
+    key = f"{name}|{bits}|{_fingerprint(f)}|v{_FIT_VERSION}"
+    if key in _memo:
+        return _memo[key]
+    path = cache_dir() / "step_derivatives.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    entry = stored.get(key) if isinstance(stored, dict) else None
+    if isinstance(entry, dict):
+        step = StepDerivative(tuple(entry["thresholds"]), tuple(entry["levels"]), entry.get("error", float("nan")))
+    else:
+        log.info("approxbp: fitting a %d-bit step derivative for %s (once; cached in %s)", bits, name, path)
+        # The first compile may happen inside a caller's saved_tensors_hooks (e.g. while measuring saved
+        # bytes): the fit's own autograd must not show up there.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            step = fit_step_derivative(f, bits=bits)
+        stored = stored if isinstance(stored, dict) else {}
+        stored[key] = {"thresholds": list(step.thresholds), "levels": list(step.levels), "error": step.error}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+                json.dump(stored, tmp, indent=1)
+            os.replace(tmp.name, path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError as exc:
+            log.warning("approxbp: could not cache fitted constants in %s (%s)", path, exc)
+    _memo[key] = step
+    return step

@@ -1,4 +1,4 @@
-"""How many bytes a call keeps alive for backward (DESIGN.md section 4)."""
+"""How many bytes a call keeps alive for backward."""
 
 from __future__ import annotations
 

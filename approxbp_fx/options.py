@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["Options", "INNERS", "BITS"]
+from .inners import INNERS
 
-INNERS = ("inductor", "aot_eager", "eager")
+__all__ = ["Options", "BITS"]
+
 BITS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
 class Options:
-    """Backend options. ``activations``: Approx-BP at GELU/SiLU sites (approximate gradients).
-    ``norms``: MS-BP at norm -> linear sites (exact). ``inner``: what compiles the rewritten graph.
-    ``verify``: check the rewritten forward against the original on the example inputs.
-    ``bits``: bits per element of the activations' step-derivative code (1, 2 or 3); 2 uses the
-    paper's ReGELU2/ReSiLU2 constants, other widths constants fitted by ``fit_step_derivative``."""
+    """Backend options. ``activations``: Approx-BP at GELU/SiLU/Mish sites (approximate gradients).
+    ``norms``: MS-BP at norm -> linear sites (exact). ``inner``: what compiles the rewritten graph (a
+    name in ``approxbp_fx.inners.INNERS``). ``verify``: check the rewritten forward against the original
+    on the example inputs. ``bits``: bits per element of the activations' step-derivative code (1, 2 or
+    3); 2 uses the paper's ReGELU2/ReSiLU2 constants, other widths and activations without paper
+    constants use constants fitted by ``fit_step_derivative``."""
 
     activations: bool = True
     norms: bool = True
@@ -35,8 +37,8 @@ class Options:
             expected = type(getattr(cls, name))
             if type(val) is not expected:
                 raise ValueError(f"approxbp: option {name!r} must be a {expected.__name__}, got {val!r}")
-        if options.get("inner", "inductor") not in INNERS:
-            raise ValueError(f"approxbp: option 'inner' must be one of {INNERS}, got {options['inner']!r}")
+        if options.get("inner", cls.inner) not in INNERS:
+            raise ValueError(f"approxbp: option 'inner' must be one of {tuple(INNERS)}, got {options['inner']!r}")
         if options.get("bits", 2) not in BITS:
             raise ValueError(f"approxbp: option 'bits' must be one of {BITS}, got {options['bits']!r}")
         return cls(**options)

@@ -20,6 +20,7 @@ class Site:
     reason: str = ""  # why it was skipped; empty when rewritten
     bytes_saved: int = 0  # estimate from shapes, for one call
     constants: str = ""  # the step derivative used, for activations
+    family: str = ""  # the rewrite family (its option's name: "norms", "activations")
 
     @property
     def action(self) -> str:
@@ -32,6 +33,8 @@ class Report:
 
     sites: list[Site] = field(default_factory=list)
     graphs: list[tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=list)
+    #: seconds the backend spent, summed over graphs: "find", "apply", "verify"
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[Site]:
@@ -45,9 +48,20 @@ class Report:
     def bytes_saved(self) -> int:
         return sum(s.bytes_saved for s in self.rewritten)
 
+    @property
+    def counts(self) -> dict[tuple[str, str], int]:
+        """{(family, "rewritten" or the reason it was skipped): number of sites}."""
+        out: dict[tuple[str, str], int] = {}
+        for s in self.sites:
+            key = (s.family, "rewritten" if s.rewritten else s.reason)
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def extend(self, other: "Report") -> None:
         self.sites += other.sites
         self.graphs += other.graphs
+        for k, v in other.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
 
     def __str__(self) -> str:
         rows = [("site", "pattern", "action", "est. bytes saved")]

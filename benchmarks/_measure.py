@@ -5,7 +5,7 @@ Two kinds of child process, both started by ``run.py`` with ``python benchmarks/
 * ``memory``: one configuration of one row. Warm up (compile), then reset the peak counter and run one
   training step (forward, backward, optimizer step). CPU: ``MALLOC_MMAP_THRESHOLD_=65536`` in the
   environment, peak RSS reset by writing ``5`` to ``/proc/self/clear_refs``, ``VmHWM`` read from
-  ``/proc/self/status`` (DESIGN.md section 4). CUDA: ``max_memory_allocated``.
+  ``/proc/self/status`` (see BENCHMARKS.md, Method). CUDA: ``max_memory_allocated``.
 * ``timing``: all configurations of one row in one process, sharing one set of parameters and one
   optimizer. Each is compiled and warmed up first; then rounds of one step per configuration, in
   rotating order, and the median per configuration. The same process measures the bytes saved for
@@ -58,7 +58,7 @@ def _vit(image: int, patch: int, **kw: Any) -> Geometry:
     return Geometry("vit-b16", "vit", tokens=1 + (image // patch) ** 2, image=image, patch=patch, **kw)
 
 
-# Full size: the geometries. Batches fit 24 GB on CPU (fp32 full fine-tuning, eager).
+# Full size: the geometries we report. Batches fit 24 GB on CPU (fp32 full fine-tuning, eager).
 FULL = {
     "vit-b16": _vit(224, 16, hidden=768, layers=12, heads=12, mlp=3072, batch=32),
     "roberta-base": Geometry("roberta-base", "roberta", 768, 12, 12, 3072, 256, 16, vocab=50265),

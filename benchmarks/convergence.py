@@ -14,7 +14,7 @@ Protocol (the same for every run of one seed: same split, same initial weights, 
    fine-tuning train-loss curves.
 
 Writes ``convergence.md`` (a Markdown table) and ``convergence_loss.png`` to ``--out``
-(default ``benchmarks/results/``). Acceptance (issue 6): |mean accuracy(approxbp) - mean accuracy(plain)|
+(default ``benchmarks/results/``). Acceptance: |mean accuracy(approxbp) - mean accuracy(plain)|
 <= 1.0 point over 3 seeds, for each inner.
 
 ``tests/convergence/test_digits.py`` imports this file and runs a reduced version in CI.
@@ -245,7 +245,7 @@ def plot(runs: list[Run], path: pathlib.Path, smooth: int = 10) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--inners", nargs="+", default=["eager", "inductor"], choices=approxbp_fx.backend.INNERS)
+    p.add_argument("--inners", nargs="+", default=["eager", "inductor"], choices=tuple(approxbp_fx.inners.INNERS))
     p.add_argument("--pretrain-epochs", type=int, default=Config.pretrain_epochs)
     p.add_argument("--finetune-epochs", type=int, default=Config.finetune_epochs)
     p.add_argument("--lr", type=float, default=Config.finetune_lr, help="fine-tuning learning rate")

@@ -1,5 +1,5 @@
 """Memory and speed of approxbp side by side with eager, torch.compile, its activation_memory_budget and
-gradient checkpointing (issue 5). Writes BENCHMARKS.md and benchmarks/results/*.png.
+gradient checkpointing. Writes BENCHMARKS.md and benchmarks/results/*.png.
 
     python benchmarks/run.py --smoke --out /tmp/bench      # CI: one tiny ViT row, 4 configurations (< 2 min)
     python benchmarks/run.py --quick                       # 2-layer versions of the geometries (<= 10 min, CPU)
@@ -196,7 +196,7 @@ def row_table(res: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]
 
 
 def acceptance(derived_by_row: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, str, str, str]]:
-    """(criterion, row, measured, verdict) for the issue's acceptance criteria on the rows that were run."""
+    """(criterion, row, measured, verdict) for the acceptance criteria on the rows that were run."""
     out = []
 
     def check(label: str, row: str, value: float | None, limit: float) -> None:
@@ -339,14 +339,14 @@ def write_report(args, preset, geometries, results, skipped, elapsed, out: pathl
           + "; *step time* is the median over rounds that interleave the row's configurations in one process "
           "after warm-up, and *vs. baseline* divides by eager (eager configurations) or torch.compile (compiled "
           "ones). *Ideal* is the baseline's bytes minus the backend's per-site estimate of the bytes each "
-          "rewritten site removes (`approxbp_fx.explain(...).bytes_saved`, DESIGN.md section 4). Models are "
+          "rewritten site removes (`approxbp_fx.explain(...).bytes_saved`). Models are "
           "randomly initialised HF models built from configs, dropout 0; LoRA is peft's, r 8; bf16 is autocast.",
           ""]
     if skipped:
         md += [f"Rows not run (time limit of the preset): {', '.join(skipped)}.", ""]
     checks = acceptance(derived_by_row)
     if checks:
-        md += ["## Acceptance (issue 5)", "", "| criterion | row | measured | verdict |", "|---|---|---:|---|"]
+        md += ["## Acceptance", "", "| criterion | row | measured | verdict |", "|---|---|---:|---|"]
         md += [f"| {c} | {r} | {v} | {verdict} |" for c, r, v, verdict in checks]
         md += [""]
     for geom in plots:

@@ -21,7 +21,7 @@ from torch import nn
 
 import approxbp_fx
 from approxbp_fx import saved_activation_bytes
-from approxbp_fx.passes import steer_partitioner
+from approxbp_fx.inners import inductor as steer_partitioner
 
 
 class Block(nn.Module):

@@ -1,4 +1,4 @@
-"""Tiny HF models of the architectures people fine-tune (issue 4), and the step-derivative reference.
+"""Tiny HF models of the architectures people fine-tune, and the step-derivative reference.
 
 Every builder returns an fp32 model in train mode built from a config (random weights, seeded): 2 layers,
 hidden 128, MLP 512, 4 heads, vocab 100, dropout 0, and every norm's affine randomized (gamma ~ U(0.5, 1.5),

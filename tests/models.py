@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-# DESIGN.md section 2: h(x) = sum_i a_i ReLU(x - c_i); the derivative is levels[k], k = #{i : x > c_i},
+# Yang et al. (ICML 2024): h(x) = sum_i a_i ReLU(x - c_i); the derivative is levels[k], k = #{i : x > c_i},
 # levels the partial sums of a. Written here from the paper, independently of the package.
 REGELU2_A = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
 REGELU2_C = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
@@ -83,7 +83,7 @@ def bert_inputs(seed: int = 0) -> dict[str, Tensor]:
 
 class StepBackward(torch.autograd.Function):
     """Forward: the original activation module, untouched. Backward: dy * levels[k(x)], k = #{i : x > c_i},
-    computed in float64 (the paper's step derivative, DESIGN.md section 2)."""
+    computed in float64 (the paper's step derivative)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, module: nn.Module, thresholds: tuple, levels: tuple) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import approxbp_fx
 from approxbp_fx import saved_activation_bytes
-from approxbp_fx.passes.activations import step_for
+from approxbp_fx.ops.activations import step_for
 
 from models import StepActivation
 

@@ -1,4 +1,4 @@
-"""The architectures people fine-tune, with LoRA and mixed precision, without patching (issue 4, Acceptance).
+"""The architectures people fine-tune, with LoRA and mixed precision, without patching.
 
 Tiny HF models built from configs (tests/architectures.py: 2 layers, hidden 128, MLP 512, 4 heads, 4 x 32
 tokens, random weights, randomized norm affines): GPT-2 LM head (Conv1D, gelu_new), LLaMA, Mistral, Qwen2
@@ -10,7 +10,7 @@ For each configuration: the forward against plain eager, exact-mode gradients (`
 against plain autograd, approximate-mode gradients against plain eager with every GELU/SiLU module's backward
 replaced by the paper's step derivative (``architectures.with_step_activations``), and the bytes saved for
 backward against the same-mode baseline (plain eager for the eager inner, plain ``torch.compile`` for the
-inductor inner) with the issue's thresholds.
+inductor inner) with the thresholds we hold them to.
 
 CI time: every configuration is compiled once per module (``Runs`` caches output, gradients and bytes) and
 the tests only compare cached numbers. Every model runs under the eager inner; the inductor inner (a cold
@@ -46,7 +46,7 @@ FP32_RATIO = {
     "lora_vit": (0.70, 0.70),
     "lora_llama": (0.85, 1.00),
 }
-# LoRA on every linear layer: no number in the issue; the savings must still show (eager inner only)
+# LoRA on every linear layer: no threshold of its own; the savings must still show (eager inner only)
 LORA_ALL_RATIO = {"lora_all_vit": 0.80, "lora_all_llama": 0.90}
 AUTOCAST_RATIO = {"vit": (0.76, 1.00), "llama": (0.80, 1.00)}
 
@@ -168,7 +168,7 @@ def test_autocast_saved_bytes_ratio(runs: Runs, name: str, inner: str) -> None:
 
 def test_autocast_keeps_bf16_tensors(runs: Runs) -> None:
     """Under autocast the linears keep bf16 copies: the baseline keeps fewer bytes than in fp32, and so do we
-    (the shared tensor is the one actually kept, DESIGN.md section 3)."""
+    (the shared tensor is the one actually kept)."""
     for name in AUTOCAST_RATIO:
         assert runs.get(name, "eager", precision="autocast").saved_bytes < runs.get(name, "eager").saved_bytes
         assert (runs.get(name, "approxbp", "eager", "autocast").saved_bytes

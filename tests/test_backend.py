@@ -1,4 +1,4 @@
-"""The approxbp backend end to end (issue 3, Acceptance): tiny HF ViT and BERT, a plain-nn pre-LN
+"""The approxbp backend end to end: tiny HF ViT and BERT, a plain-nn pre-LN
 transformer through torch.fx, explain(), verification, options.
 
 Every configuration (model x variant x inner) is compiled once and its forward output, gradients and
@@ -8,16 +8,18 @@ saved bytes are cached for the whole module (``Runs``): the tests only compare c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import approxbp_fx
 from approxbp_fx.backend import approxbp_backend
-from approxbp_fx.passes import activations as activation_pass
+from approxbp_fx.ops import activations
 
 from architectures import Runs, assert_forward_matches_eager, run_and_measure
 from models import (
@@ -82,7 +84,7 @@ def test_saved_bytes_below_baseline(runs: Runs, name: str, inner: str) -> None:
 
 @model_names
 def test_saved_bytes_survive_inductor(runs: Runs, name: str) -> None:
-    """Issue 3 item 3: inductor keeps at most 3% more than the eager inner, never more than torch.compile."""
+    """Inductor keeps at most 3% more than the eager inner, never more than torch.compile."""
     eager = runs.get(name, "approxbp", "eager").saved_bytes
     inductor = runs.get(name, "approxbp", "inductor").saved_bytes
     assert inductor <= 1.03 * eager, f"inductor {inductor} vs eager inner {eager}"
@@ -178,8 +180,8 @@ def test_explain_report_prints(vit_explained, capsys) -> None:
 @pytest.fixture
 def broken_gelu(monkeypatch):
     """Make exactly one kind of rewrite wrong: native GELU sites compute SiLU's forward."""
-    name, (reference, _, step) = "gelu", activation_pass.KNOWN_ACTIVATIONS["gelu"]
-    monkeypatch.setitem(activation_pass.KNOWN_ACTIVATIONS, name, (reference, "silu", step))
+    gelu = activations.ACTIVATIONS["gelu"]
+    monkeypatch.setitem(activations.ACTIVATIONS, "gelu", dataclasses.replace(gelu, forward=F.silu))
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

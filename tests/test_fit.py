@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from approxbp_fx.fit import QUAD_POINTS, fit_interval, fit_step_derivative
 from approxbp_fx.ops.activations import StepDerivative
 
-# Yang et al. (ICML 2024), DESIGN.md section 2: h(x) = sum a_i ReLU(x - c_i).
+# Yang et al. (ICML 2024), Table 1: h(x) = sum a_i ReLU(x - c_i).
 PAPER = {
     "gelu": ((-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
              (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)),

@@ -1,4 +1,4 @@
-"""Unusual use of the approxbp backend (issue 6, part 2): every case ends in a correct result or a clear error.
+"""Unusual use of the approxbp backend: every case ends in a correct result or a clear error.
 
 References are independent of the package: the plain eager model under autograd (exact rewrites), and
 the same model with GELU/SiLU replaced by a hand-written step-derivative autograd.Function (approximate
@@ -26,7 +26,7 @@ from models import SILU_STEP, BNDropoutLN, randomize_norm_affines, swap_activati
 FWD_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
-# ReSiLU2 (DESIGN.md section 2): levels are partial sums of a, thresholds c.
+# ReSiLU2 (Yang et al., ICML 2024): levels are partial sums of a, thresholds c.
 
 
 @pytest.fixture(autouse=True)

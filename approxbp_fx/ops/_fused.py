@@ -21,8 +21,7 @@ import types
 from typing import Callable, TypeVar
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
+from .._compat import DynamoError, get_proxy_mode, is_fake
 
 log = logging.getLogger("approxbp_fx")
 
@@ -86,7 +85,6 @@ def fused(fn: F) -> F:
     """
     static: dict[tuple[object, ...], Callable[..., object]] = {}
     dynamic: dict[tuple[object, ...], Callable[..., object]] = {}
-    broken = False
 
     def compiled_for(args: tuple[object, ...]) -> Callable[..., object]:
         key = _variant_key(args, shapes=True)
@@ -103,17 +101,20 @@ def fused(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: object) -> object:
-        nonlocal broken
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if broken or kernel_mode() == "eager" or is_tracing(*tensors):
+        if kernel_mode() == "eager" or is_tracing(*tensors):
             return fn(*args)
         compiled = compiled_for(args)
         try:
             return compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            # A machine without a working C compiler still gets correct (slower) results.
-            broken = True
-            log.warning("approxbp_fx: compiling %s failed (%s); using eager kernels", fn.__name__, exc)
+        except DynamoError as exc:
+            # A machine without a working C compiler still gets correct (slower) results. Only this
+            # signature falls back: its slot now holds the plain body, the others keep their kernels.
+            key = _variant_key(args, shapes=True)
+            table = static if key in static else dynamic
+            table[key if table is static else _variant_key(args, shapes=False)] = fn
+            log.warning("approxbp_fx: compiling %s for %s failed (%s); using eager kernels for it",
+                        fn.__name__, key, exc)
             return fn(*args)
 
     return wrapper  # type: ignore[return-value]

@@ -8,24 +8,35 @@ For backward only a code k = #{i : x > c_i} is kept, packed ``8 // bits`` codes 
     after:   y, code = approxbp::step_act(x)   saves code         (0.25 bytes/elem at 2 bits)
 
 The forward is an opaque custom op so that AOTAutograd's partitioner cannot recompute the code from x
-(and then keep x instead). The backward is plain torch code, which AOTAutograd traces into the backward
-graph where inductor fuses the unpacking with the surrounding gradient math.
+(and then keep x instead); its traceable twin (``ops/spec.py``) tags the code as kept instead. The
+backward is plain torch code, which AOTAutograd traces into the backward graph where inductor fuses
+the unpacking with the surrounding gradient math.
+
+Everything the package knows about an activation is one ``Activation`` record in ``ACTIVATIONS``: the
+graph pass identifies sites with its float64 reference and native call targets, the op computes its
+forward by the record's ``forward``, and its step derivative comes from the paper or a cached fit.
+Adding an activation means adding one record (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._fused import fused, is_tracing, refuse_double_backward
+from .spec import SAVED, OpSpec, define_op
 
-__all__ = ["StepDerivative", "REGELU2", "RESILU2", "regelu2", "resilu2", "step_activation", "ACTIVATIONS"]
+__all__ = [
+    "StepDerivative", "REGELU2", "RESILU2", "regelu2", "resilu2", "step_activation", "Activation", "ACTIVATIONS",
+    "activation_by_op_name", "step_for",
+]
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class StepDerivative:
         return cls(tuple(c), tuple(levels))
 
 
-# Constants of Yang et al. (ICML 2024), DESIGN.md section 2.
+# Constants of Yang et al. (ICML 2024), Table 1: h(x) = sum_i a_i ReLU(x - c_i).
 REGELU2 = StepDerivative.from_relu_sum(
     a=(-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
     c=(-3.1858810036855245, -0.001178821281161997, 3.190832613414926),
@@ -72,25 +83,82 @@ RESILU2 = StepDerivative.from_relu_sum(
     c=(-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
 )
 
-# The activations whose forward the op computes itself, by name.
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-}
 
-_consts: dict[tuple, Tensor] = {}
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _mish(x: Tensor) -> Tensor:
+    return x * torch.tanh(F.softplus(x))
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What the package knows about one activation.
+
+    ``name`` is how reports spell it. ``reference`` is what it computes (evaluated in float64 on probe
+    points to identify a site in any spelling, and fitted for constants). ``op_name``/``forward``: the
+    string the ``approxbp::step_act`` op takes and the forward it then computes, the same kernel as the
+    native call (None: the activation only appears decomposed, and its own nodes stay the forward).
+    ``functions``/``modules``: native call targets and modules in traced graphs; ``inplace``: the keyword
+    that makes such a call in place (those sites are left alone). ``paper``: the paper's 2-bit constants,
+    or None to fit them (``step_for``)."""
+
+    name: str
+    reference: Callable[[Tensor], Tensor]
+    op_name: str | None = None
+    forward: Callable[[Tensor], Tensor] | None = None
+    functions: tuple[Callable[..., object], ...] = ()
+    modules: tuple[type, ...] = ()
+    inplace: str | None = None
+    paper: StepDerivative | None = None
+
+
+# torch._C._nn.* are the call targets Dynamo writes for F.gelu / F.silu / F.mish when it inlines modules.
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
+    Activation("gelu", F.gelu, "gelu", lambda x: F.gelu(x), (F.gelu, torch._C._nn.gelu), (nn.GELU,), None, REGELU2),
+    # GELU's constants serve the tanh form too: their derivatives differ by at most 9e-4
+    Activation("gelu(tanh)", lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh",
+               lambda x: F.gelu(x, approximate="tanh"), (F.gelu, torch._C._nn.gelu), (nn.GELU,), None, REGELU2),
+    Activation("silu", F.silu, "silu", F.silu, (F.silu,), (nn.SiLU,), "inplace", RESILU2),
+    Activation("quick_gelu", _quick_gelu),
+    Activation("mish", _mish, "mish", F.mish, (F.mish, torch._C._nn.mish), (nn.Mish,), "inplace"),
+)}
+
+
+def activation_by_op_name(op_name: str) -> Activation:
+    for a in ACTIVATIONS.values():
+        if a.op_name == op_name:
+            return a
+    raise ValueError(f"unknown activation {op_name!r}; expected one of "
+                     f"{sorted(a.op_name for a in ACTIVATIONS.values() if a.op_name)}")
+
+
+@functools.lru_cache(maxsize=None)
+def step_for(name: str, bits: int) -> tuple[StepDerivative, str]:
+    """The step derivative of ``ACTIVATIONS[name]`` at ``bits`` bits, and where it comes from.
+
+    The paper's constants at 2 bits where it has them; otherwise ``fit_step_derivative``'s, fitted once
+    per machine (cached on disk, see ``approxbp_fx.fit.cached_step_derivative``)."""
+    act = ACTIVATIONS[name]
+    if bits == 2 and act.paper is not None:
+        return act.paper, "paper"
+    from ..fit import cached_step_derivative
+
+    return cached_step_derivative(name, act.reference, bits), "fitted"
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _const(values: Sequence[float], ref: Tensor, dtype: torch.dtype) -> Tensor:
-    """A small constant tensor, built once per device and dtype (no host-to-device copy per call)."""
+    """A small constant tensor on ref's device, built once per (values, device, dtype) in a bounded cache:
+    no host-to-device copy per call."""
     if is_tracing(ref):  # a tracer's tensor must not outlive its trace
         return torch.tensor(values, dtype=dtype, device=ref.device)
-    key = (tuple(values), ref.device, dtype)
-    t = _consts.get(key)
-    if t is None:
-        t = _consts[key] = torch.tensor(values, dtype=dtype, device=ref.device)
-    return t
+    return _cached_const(tuple(values), ref.device, dtype)
 
 
 def _round_down_f32(c: float) -> float:
@@ -169,22 +237,20 @@ def _code_bytes(x: Tensor, bits: int) -> int:
     return (x.numel() + per_byte - 1) // per_byte
 
 
-@torch.library.custom_op("approxbp::step_act", mutates_args=())
-def _step_act(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+def _step_act_forward(form, x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
     """y = fn(x) and the packed step code of x. ``levels`` is only read by the backward."""
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
-    y = ACTIVATIONS[fn](x)
-    code = _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
-    return y, code
+    with form.tag(SAVED):
+        code = _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
+    return activation_by_op_name(fn).forward(x), code
 
 
-@_step_act.register_fake
-def _(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+def _step_act_fake(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
     return torch.empty_like(x), x.new_empty(_code_bytes(x, bits), dtype=torch.uint8)
 
 
-def _step_act_setup(ctx, inputs, output) -> None:
+def _step_setup(ctx, inputs, output) -> None:
     thresholds, levels = inputs[-2:]
     ctx.levels = tuple(levels)
     ctx.bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
@@ -192,7 +258,8 @@ def _step_act_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
 
 
-def _step_act_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
+def _step_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
+    """Gradient of x, and None for each of the other three inputs (either op's)."""
     refuse_double_backward(grad_y, "an Approx-BP activation (its derivative is a step function)", "activations")
     (code,) = ctx.saved_tensors
     # float32 levels for half inputs: one rounding, in the final cast
@@ -201,39 +268,40 @@ def _step_act_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
     return grad_x.reshape(-1)[: grad_y.numel()].view(grad_y.shape), None, None, None
 
 
-_step_act.register_autograd(_step_act_backward, setup_context=_step_act_setup)
+define_op(OpSpec(
+    "approxbp::step_act", "(Tensor x, str fn, float[] thresholds, float[] levels) -> (Tensor, Tensor)",
+    _step_act_forward, _step_act_fake, _step_setup, _step_backward,
+))
 
 
-
-@torch.library.custom_op("approxbp::step_attach", mutates_args=())
-def _step_attach(x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+def _step_attach_forward(form, x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
     """y (computed elsewhere from x.detach(), e.g. a decomposed GELU) with x's step derivative attached.
 
-    The copy of y is the price of keeping a decomposed forward bit for bit what it was.
-    """
+    The copy of y is the price of keeping a decomposed forward bit for bit what it was (a custom op's
+    output must not alias its input)."""
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
-    return y.clone(), _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
+    with form.tag(SAVED):
+        code = _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
+    return y.clone(), code
 
 
-@_step_attach.register_fake
-def _(x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+def _step_attach_fake(x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
     return torch.empty_like(y), x.new_empty(_code_bytes(x, bits), dtype=torch.uint8)
 
 
-def _step_attach_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
-    return _step_act_backward(ctx, grad_y, _grad_code)[0], None, None, None
-
-
-_step_attach.register_autograd(_step_attach_backward, setup_context=_step_act_setup)
+define_op(OpSpec(
+    "approxbp::step_attach", "(Tensor x, Tensor y, float[] thresholds, float[] levels) -> (Tensor, Tensor)",
+    _step_attach_forward, _step_attach_fake, _step_setup, _step_backward,
+))
 
 _APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 def step_activation(x: Tensor, fn: str, step: StepDerivative) -> Tensor:
-    """``fn(x)`` (one of ``ACTIVATIONS``) whose backward uses ``step`` as the derivative."""
-    if fn not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {fn!r}; expected one of {sorted(ACTIVATIONS)}")
+    """``fn(x)`` whose backward uses ``step`` as the derivative; ``fn`` is an ``op_name`` of ``ACTIVATIONS``
+    ("gelu", "gelu_tanh", "silu", "mish")."""
+    activation_by_op_name(fn)  # raises ValueError naming the valid ones
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"step_activation expects a floating-point tensor, got {type(x).__name__}"
                         f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}")

@@ -13,7 +13,8 @@ user's parameters are never folded or copied. The linear's forward uses z exactl
 backward rebuilds z = y_hat * (gamma + offset) + beta when (and only when) the weight needs a gradient.
 
 Forwards are opaque custom ops, so AOTAutograd's partitioner cannot recompute y_hat and keep x
-instead; backwards are plain torch code that the partitioner hands to inductor for fusion.
+instead; their traceable twins (``ops/spec.py``) tag y_hat and rstd as kept and z as rebuilt.
+Backwards are plain torch code that the partitioner hands to inductor for fusion.
 
 Double backward is exact: y_hat and rstd are differentiable outputs (a linear's weight gradient is a
 function of y_hat), and the norm's backward also takes their gradients, using that both norms' rstd
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._compat import HAS_FUSED_RMS_NORM, fused_rms_norm
 from ._fused import fused, is_tracing
+from .spec import RECOMPUTE, SAVED, OpSpec, define_op
 
 __all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
 
@@ -141,31 +144,36 @@ def _layer_norm_backward_aten(
     return (None if dx is None else (dx * rstd).to(x_dtype)), dw, db
 
 
-@torch.library.custom_op("approxbp::norm_shared", mutates_args=())
-def _norm_shared(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float, normalized_ndim: int,
+def _norm_shared_forward(
+    form, x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float, normalized_ndim: int,
     eps: float, rms: bool, y_dtype: torch.dtype, z_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     d = _row_size(x, normalized_ndim)
     rows = x.reshape(-1, d)
     flat = [None if t is None else t.reshape(-1) for t in (weight, bias)]
-    if x.dtype in (torch.float32, torch.float64) and y_dtype == x.dtype:
+    if form.traced:
+        # y_hat and rstd are what backward keeps; z is rebuilt from y_hat, so it must be computed from it
+        with form.tag(SAVED):
+            y, rstd = normalize(rows, eps, rms)
+            y_hat = y.to(y_dtype)
+        with form.tag(RECOMPUTE):
+            z = _affine(y_hat, *flat, weight_offset, z_dtype)
+    elif x.dtype in (torch.float32, torch.float64) and y_dtype == x.dtype and (HAS_FUSED_RMS_NORM or not rms):
         # aten's own fused kernels (no compile, no guard overhead): y_hat and rstd in one pass
         if rms:
-            y_hat, rstd = torch.ops.aten._fused_rms_norm(rows, [d], None, eps)
+            y_hat, rstd = fused_rms_norm(rows, d, eps)
         else:
             y_hat, _mean, rstd = torch.native_layer_norm(rows, [d], None, None, eps)
         z = _affine(y_hat, *flat, weight_offset, z_dtype)
     else:
         z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype)
-    if z is y_hat:  # no affine and no cast: a custom op's outputs must not alias each other
+    if z is y_hat and not form.traced:  # no affine and no cast: a custom op's outputs must not alias each other
         z = z.clone()
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
     return z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
 
 
-@_norm_shared.register_fake
-def _(x, weight, bias, weight_offset, normalized_ndim, eps, rms, y_dtype, z_dtype):
+def _norm_shared_fake(x, weight, bias, weight_offset, normalized_ndim, eps, rms, y_dtype, z_dtype):
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
     return (
         x.new_empty(x.shape, dtype=z_dtype),
@@ -220,15 +228,31 @@ def _norm_backward_autograd(ctx, grad_z: Tensor | None, grad_y: Tensor | None, g
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-_norm_shared.register_autograd(_norm_backward_autograd, setup_context=_norm_setup)
+define_op(OpSpec(
+    "approxbp::norm_shared",
+    "(Tensor x, Tensor? weight, Tensor? bias, float weight_offset, int normalized_ndim, float eps, bool rms, "
+    "ScalarType y_dtype, ScalarType z_dtype) -> (Tensor, Tensor, Tensor)",
+    _norm_shared_forward, _norm_shared_fake, _norm_setup, _norm_backward_autograd,
+    # AOTAutograd refuses double backward anyway: keep y_hat and rstd out of the joint graph's gradients
+    traced_non_differentiable=(1, 2),
+))
 
 
-@torch.library.custom_op("approxbp::linear_shared", mutates_args=())
-def _linear_shared(
-    z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
+def _linear_shared_forward(
+    form, z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
     norm_bias: Tensor | None, norm_weight_offset: float, weight_transposed: bool,
 ) -> Tensor:
-    return linear_forward(z, weight, bias, weight_transposed)
+    device = z.device.type
+    if not torch.is_autocast_enabled(device):
+        return linear_forward(z, weight, bias, weight_transposed)
+    # Autocast's own casts of z and of the weight would be new tensors a partitioner keeps for backward;
+    # made here, they are tagged to be rebuilt (from y_hat, from the parameter). Same values as F.linear
+    # under autocast, which casts all three operands to the autocast dtype.
+    dtype = torch.get_autocast_dtype(device)
+    with form.tag(RECOMPUTE):
+        z_cast, w_cast = z.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return linear_forward(z_cast, w_cast, None if bias is None else bias.to(dtype), weight_transposed)
 
 
 def linear_forward(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -240,8 +264,7 @@ def linear_forward(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: b
     return F.linear(z, weight, bias)
 
 
-@_linear_shared.register_fake
-def _(z, y_hat, weight, bias, norm_weight, norm_bias, norm_weight_offset, weight_transposed):
+def _linear_shared_fake(z, y_hat, weight, bias, norm_weight, norm_bias, norm_weight_offset, weight_transposed):
     out_features = weight.shape[1] if weight_transposed else weight.shape[0]
     return z.new_empty((*z.shape[:-1], out_features))
 
@@ -293,7 +316,12 @@ def _linear_backward_autograd(ctx, grad: Tensor):
     return grad_z, None, grad_w, grad_b, None, None, None, None
 
 
-_linear_shared.register_autograd(_linear_backward_autograd, setup_context=_linear_setup)
+define_op(OpSpec(
+    "approxbp::linear_shared",
+    "(Tensor z, Tensor y_hat, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, "
+    "float norm_weight_offset, bool weight_transposed) -> Tensor",
+    _linear_shared_forward, _linear_shared_fake, _linear_setup, _linear_backward_autograd,
+))
 
 
 def _check_normalized_shape(x: Tensor, normalized_shape: Sequence[int] | int) -> int:

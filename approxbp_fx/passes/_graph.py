@@ -1,10 +1,9 @@
-"""Shared helpers of the passes: argument normalisation, node metadata, clean-up."""
+"""Shared helpers of the rewrite families: argument normalisation, node metadata, pattern tables."""
 
 from __future__ import annotations
 
 import operator
-import re
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -12,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["arg", "value", "module_path", "target_module", "is_call", "cleanup", "has_side_effects", "tensor_bytes", "VIEW_METHODS"]
+from .._compat import dynamo_module_path, is_mutable_op
+
+__all__ = ["arg", "value", "module_path", "target_module", "is_call", "remove_dead", "has_side_effects", "tensor_bytes",
+           "VIEW_METHODS"]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -50,15 +52,7 @@ def module_path(node: fx.Node) -> str:
     """The user's module path of a node: from Dynamo's nn_module_stack, or the call_module target."""
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        # Dynamo spells paths as L['self'].encoder.layer[0] (or L['args'][0]. ... behind a wrapper);
-        # print them as the user writes them
-        path = re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path)
-        path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path).lstrip(".")
-        return path.replace("[", ".").replace("]", "").replace("'", "") or node.name
-    return node.name
+    return dynamo_module_path(node) or node.name
 
 
 def is_call(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ()) -> bool:
@@ -86,6 +80,7 @@ def is_basic_index(node: fx.Node) -> bool:
 
 ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
 
+# torch._C._nn.linear: the call target Dynamo writes for nn.Linear / F.linear
 LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
 LAYER_NORM_FUNCTIONS = (F.layer_norm, torch.layer_norm)
 RMS_NORM_FUNCTIONS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f)
@@ -98,15 +93,25 @@ def has_side_effects(node: fx.Node) -> bool:
         return True
     if node.op not in ("call_method", "call_function"):
         return False
+    if is_mutable_op(node.target):
+        return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
 
 
-def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    """The one clean-up every pass ends with."""
-    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+def remove_dead(graph: fx.Graph, roots: Iterable[fx.Node]) -> int:
+    """Erase ``roots`` once nothing uses them, and then whatever only they used, transitively.
+
+    Only what a rewrite itself made dead goes: a whole-graph dead-code elimination would also remove
+    calls Dynamo keeps for their effects although their results are unused (vmap's nesting counters,
+    for one), and the graph would then fail at run time. Returns the number of nodes erased."""
+    work, erased = list(roots), set()
+    while work:
+        n = work.pop()
+        if n in erased or n.users or n.op in ("placeholder", "output") or has_side_effects(n):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
+        work += inputs
+    return len(erased)

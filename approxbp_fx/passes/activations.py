@@ -1,19 +1,18 @@
 """Approx-BP: give GELU/SiLU sites a 2-bit step derivative, in every form a traced graph spells them.
 
     before:  y = gelu(x)                     (or F.gelu, nn.GELU, approximate="tanh", F.silu, x * sigmoid(x),
-                                               GPT-2's decomposed tanh formula, ...)
+                                               GPT-2's decomposed tanh formula, F.mish, ...)
     after:   y = approxbp::step_act(x, "gelu", c, levels)[0]          native forms: same aten kernel
              y = approxbp::step_attach(x, f(x.detach()), c, levels)[0]   decomposed forms: f's nodes unchanged
 
 Sites are found by what they compute, not by how they are spelled: a node whose pointwise cone reaches
 back to a single tensor x is evaluated in float64 on probe points and compared with the known
-activations. A decomposed form therefore keeps its exact forward (its own nodes, fed a detached x), and
-only its backward changes.
+activations (``approxbp_fx.ops.activations.ACTIVATIONS``). A decomposed form therefore keeps its exact
+forward (its own nodes, fed a detached x), and only its backward changes.
 """
 
 from __future__ import annotations
 
-import functools
 import operator
 
 import torch
@@ -21,64 +20,46 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.activations import REGELU2, RESILU2, StepDerivative
+from ..inners import get_inner
+from ..ops.activations import ACTIVATIONS, Activation, StepDerivative, step_for
 from ..options import Options
-from ..report import Site
+from ._edit import Candidate, GraphEdit
 from ._graph import module_path, target_module, value
 
-__all__ = ["compress_activations"]
+__all__ = ["FAMILY", "find"]
 
+FAMILY = "activations"
+
+# Pointwise building blocks of activations written out; each activation's own native calls and modules
+# join them below. torch._C._nn.*: the call targets Dynamo writes for F.softplus / F.gelu.
 _POINTWISE_FUNCTIONS = {
     operator.add, operator.mul, operator.sub, operator.truediv, operator.neg, operator.pow,
     torch.add, torch.mul, torch.sub, torch.div, torch.tanh, torch.sigmoid, torch.pow, torch.erf, torch.exp,
-    torch.neg, torch.special.erf, F.gelu, F.silu, torch._C._nn.gelu, torch.nn.functional.sigmoid, torch.nn.functional.tanh,
+    torch.neg, torch.special.erf, torch.nn.functional.sigmoid, torch.nn.functional.tanh, F.softplus,
+    torch._C._nn.softplus,
 }
 _POINTWISE_METHODS = {"add", "mul", "sub", "div", "tanh", "sigmoid", "pow", "erf", "exp", "neg", "__mul__", "__add__"}
-_POINTWISE_MODULES = (nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
-_NATIVE = {torch._C._nn.gelu: "gelu", F.gelu: "gelu", F.silu: "silu"}
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-# name -> (reference forward, op name for native sites, the paper's 2-bit constants or None)
-KNOWN_ACTIVATIONS: dict[str, tuple] = {
-    "gelu": (F.gelu, "gelu", REGELU2),
-    "gelu(tanh)": (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh", REGELU2),
-    "silu": (F.silu, "silu", RESILU2),
-    "quick_gelu": (_quick_gelu, None, None),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def step_for(name: str, bits: int) -> tuple[StepDerivative, str]:
-    """The step derivative used for an activation at ``bits`` bits, and where it comes from.
-
-    The paper's constants at 2 bits where it has them (GELU's serve tanh-GELU too: their derivatives
-    differ by at most 9e-4); otherwise fitted once per process by ``fit_step_derivative``."""
-    reference, _, paper = KNOWN_ACTIVATIONS[name]
-    if bits == 2 and paper is not None:
-        return paper, "paper"
-    from ..fit import fit_step_derivative
-
-    # The first compile may happen inside a caller's saved_tensors_hooks (e.g. while measuring saved
-    # bytes): the fit's own autograd must not show up there.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        return fit_step_derivative(reference, bits=bits), "fitted"
+_POINTWISE_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softplus)
+# native call target -> the keyword that makes it in place (None: it has none)
+_NATIVE_FUNCTIONS = {f: a.inplace for a in ACTIVATIONS.values() for f in a.functions}
+_NATIVE_MODULES = tuple({m for a in ACTIVATIONS.values() for m in a.modules})
 
 _PROBE = torch.linspace(-12.0, 12.0, 4001, dtype=torch.float64)
+_REFERENCES = [(a, a.reference(_PROBE)) for a in ACTIVATIONS.values()]
 
 
 def _is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
-        if node.target in (F.gelu, torch._C._nn.gelu, F.silu):
-            return not node.kwargs.get("inplace", False)
+        if node.target in _NATIVE_FUNCTIONS:
+            inplace = _NATIVE_FUNCTIONS[node.target]
+            return inplace is None or not node.kwargs.get(inplace, False)
         return node.target in _POINTWISE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _POINTWISE_METHODS
     if node.op == "call_module":
-        return isinstance(target_module(gm, node), _POINTWISE_MODULES)
+        mod = target_module(gm, node)
+        return isinstance(mod, _POINTWISE_MODULES) or (
+            isinstance(mod, _NATIVE_MODULES) and not getattr(mod, "inplace", False))
     return False
 
 
@@ -103,7 +84,27 @@ def _cone(gm: fx.GraphModule, y: fx.Node) -> tuple[fx.Node, list[fx.Node]] | Non
     # inner nodes must not be used outside the cone: those values are needed as they are
     if any(u not in nodes for n in nodes if n is not y for u in n.users):
         return None
-    return root, [n for n in y.graph.nodes if n in nodes]
+    # graph order; a cone is a handful of nodes, so sort them rather than scan the graph
+    order = {n: i for i, n in enumerate(_ancestors_in_order(nodes))}
+    return root, sorted(nodes, key=order.__getitem__)
+
+
+def _ancestors_in_order(nodes: set[fx.Node]) -> list[fx.Node]:
+    """``nodes`` in an order where every node comes after its inputs (a topological order of the cone)."""
+    out: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node) -> None:
+        if n in seen or n not in nodes:
+            return
+        seen.add(n)
+        for a in n.all_input_nodes:
+            visit(a)
+        out.append(n)
+
+    for n in nodes:
+        visit(n)
+    return out
 
 
 def _evaluate(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], probe: torch.Tensor) -> torch.Tensor | None:
@@ -124,22 +125,24 @@ def _evaluate(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], probe: torch
     return out if isinstance(out, torch.Tensor) and out.shape == probe.shape else None
 
 
-def _identify(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node]) -> str | None:
+def _identify(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node]) -> Activation | None:
     out = _evaluate(gm, x, nodes, _PROBE)
     if out is None:
         return None
-    for name, (reference, _, _) in KNOWN_ACTIVATIONS.items():
-        if torch.allclose(out.to(torch.float64), reference(_PROBE), rtol=0, atol=1e-7):
-            return name
+    for act, expected in _REFERENCES:
+        if torch.allclose(out.to(torch.float64), expected, rtol=0, atol=1e-7):
+            return act
     return None
 
 
-def _native_op(gm: fx.GraphModule, node: fx.Node, name: str) -> str | None:
-    """The op name when the site is one native call that ``step_act`` computes with the same kernel."""
-    if node.op == "call_function" and node.target in _NATIVE:
-        return KNOWN_ACTIVATIONS[name][1]
-    if node.op == "call_module" and isinstance(target_module(gm, node), (nn.GELU, nn.SiLU)):
-        return KNOWN_ACTIVATIONS[name][1]
+def _native_op(gm: fx.GraphModule, node: fx.Node, act: Activation) -> str | None:
+    """The op name when the site is one native call of ``act`` that ``step_act`` computes with the same kernel."""
+    if act.op_name is None:
+        return None
+    if node.op == "call_function" and node.target in act.functions:
+        return act.op_name
+    if node.op == "call_module" and isinstance(target_module(gm, node), act.modules):
+        return act.op_name
     return None
 
 
@@ -167,59 +170,57 @@ def _saved_bytes_estimate(x: fx.Node, step: StepDerivative) -> int:
     return v.numel() * v.element_size() - (v.numel() + per_byte - 1) // per_byte
 
 
-def compress_activations(gm: fx.GraphModule, skip: dict[str, str] | None = None, options: Options | None = None) -> list[Site]:
-    """Rewrite every recognised GELU/SiLU site (see module docstring). ``skip`` maps site ids to reasons."""
-    skip = {} if skip is None else skip
-    bits = options.bits if options is not None else 2
-    sites: list[Site] = []
+def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
+    """Every recognised activation site (module docstring), with the reason it is left alone where it is."""
+    candidates: list[Candidate] = []
     claimed: set[fx.Node] = set()
-    for y in reversed(list(gm.graph.nodes)):  # outermost node of a decomposed form first
+    gate_skips = get_inner(options.inner).recomputes_glu_gate
+    for y in reversed(gm.graph.nodes):  # outermost node of a decomposed form first
         if y in claimed or not _is_pointwise(gm, y):
             continue
         found = _cone(gm, y)
         if found is None:
             continue
         x, nodes = found
-        name = _identify(gm, x, nodes)
-        if name is None:
+        act = _identify(gm, x, nodes)
+        if act is None:
             continue
         claimed.update(nodes)
-        native = _native_op(gm, y, name) if len(nodes) == 1 else None
-        pattern = name if native or len(nodes) == 1 else f"{name} (decomposed, {len(nodes)} ops)"
-        site = Site(id=y.name, path=module_path(y), pattern=pattern, rewritten=False)
-        sites.append(site)
-        step, source = step_for(name, bits)
+        native = _native_op(gm, y, act) if len(nodes) == 1 else None
+        pattern = act.name if native or len(nodes) == 1 else f"{act.name} (decomposed, {len(nodes)} ops)"
         xv = value(x)
-        if y.name in skip:
-            site.reason = skip[y.name]
-        elif options is not None and options.inner == "inductor" and _gates(y):
-            site.reason = ("GLU gate under inductor: the compiler already keeps only the gate's input and recomputes "
-                           "the activation, which the other factor's gradient needs; a 2-bit code would save nothing")
+        if gate_skips and _gates(y):
+            reason = (f"GLU gate under the {options.inner} inner: the compiler already keeps only the gate's input "
+                      "and recomputes the activation, which the other factor's gradient needs; a 2-bit code would "
+                      "save nothing")
         elif xv is not None and not xv.is_floating_point():
-            site.reason = f"input dtype {xv.dtype} is not floating point"
+            reason = f"input dtype {xv.dtype} is not floating point"
         else:
-            _rewrite(gm, y, x, nodes, native, step)
-            site.rewritten = True
-            site.bytes_saved = _saved_bytes_estimate(x, step)
-            site.constants = (f"{source} {bits}-bit: thresholds {tuple(round(v, 4) for v in step.thresholds)}, "
-                              f"levels {tuple(round(v, 4) for v in step.levels)}")
-    return sites
+            reason = ""
+        step, source = step_for(act.name, options.bits) if not reason else (None, "")
+        candidates.append(Candidate(
+            FAMILY, y.name, module_path(y), pattern,
+            bytes_saved=_saved_bytes_estimate(x, step) if step else 0, skip=reason,
+            constants="" if step is None else (
+                f"{source} {options.bits}-bit: thresholds {tuple(round(v, 4) for v in step.thresholds)}, "
+                f"levels {tuple(round(v, 4) for v in step.levels)}"),
+            apply=lambda edit, y=y, x=x, nodes=nodes, native=native, step=step: _apply(edit, y, x, nodes, native, step)))
+    candidates.reverse()  # graph order, as the report lists them
+    return candidates
 
 
-def _rewrite(gm: fx.GraphModule, y: fx.Node, x: fx.Node, nodes: list[fx.Node], native: str | None,
-             step: StepDerivative) -> None:
-    g = gm.graph
+def _apply(edit: GraphEdit, y: fx.Node, x: fx.Node, nodes: list[fx.Node], native: str | None,
+           step: StepDerivative) -> None:
     thresholds, levels = list(step.thresholds), list(step.levels)
-    with g.inserting_before(y):
+    with edit.inserting_before(y):
         if native is not None:
-            pair = g.call_function(torch.ops.approxbp.step_act.default, (x, native, thresholds, levels))
+            pair = edit.call(torch.ops.approxbp.step_act.default, (x, native, thresholds, levels))
         else:
             # the decomposed forward, node for node, on a detached x: its autograd keeps nothing
-            detached = g.call_method("detach", (x,))
-            env = {x: detached}
+            detached = edit.method("detach", (x,))
+            env = {edit.node(x): detached}
             for n in nodes:
-                env[n] = g.node_copy(n, lambda a: env[a])
-            pair = g.call_function(torch.ops.approxbp.step_attach.default, (x, env[y], thresholds, levels))
-        out = g.call_function(operator.getitem, (pair, 0))
-    out.meta.update({k: y.meta[k] for k in ("nn_module_stack", "stack_trace", "example_value") if k in y.meta})
-    y.replace_all_uses_with(out)
+                env[edit.node(n)] = edit.copy(n, lambda a: env[a])
+            pair = edit.call(torch.ops.approxbp.step_attach.default, (x, env[edit.node(y)], thresholds, levels))
+        out = edit.call(operator.getitem, (pair, 0))
+    edit.replace(y, out)

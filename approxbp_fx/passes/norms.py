@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 import torch.fx as fx
@@ -25,25 +26,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..options import Options
-from ..report import Site
+from ._edit import Candidate, GraphEdit
 from ._graph import (
     ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, is_basic_index, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
     is_call, module_path, target_module, tensor_bytes, value,
 )
 
-__all__ = ["share_norm_outputs"]
+__all__ = ["FAMILY", "find"]
+
+FAMILY = "norms"
 
 _MUL = (operator.mul, torch.mul)
 _ADD = (operator.add, torch.add)
 _DROPOUT = (F.dropout, torch.dropout)
 
 
+# A parameter reference: a node, or (symbolic_trace graphs' call_module norms) the qualified name of a
+# module attribute, which becomes a get_attr node only when the site is applied.
+Ref = Union[fx.Node, str, None]
+
+
 @dataclass
 class _Norm:
     z: fx.Node  # the output the graph uses
     x: fx.Node
-    weight: fx.Node | None
-    bias: fx.Node | None
+    weight: Ref
+    bias: Ref
     offset: float
     ndim: int
     eps: float
@@ -57,30 +65,38 @@ class _Norm:
 class _Consumer:
     node: fx.Node  # the linear (or addmm) call
     chain: list[fx.Node] = field(default_factory=list)  # view ops between z and the linear
-    weight: fx.Node | None = None
-    bias: fx.Node | None = None
+    weight: Ref = None
+    bias: Ref = None
     transposed: bool = False
 
 
-def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> fx.Node | None:
-    """A get_attr node for ``module.name`` of a call_module node (symbolic_trace graphs)."""
+def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
+    """The qualified name of ``module.name`` of a call_module node (symbolic_trace graphs), if set."""
     mod = target_module(gm, where)
-    if getattr(mod, name, None) is None:
-        return None
-    with gm.graph.inserting_before(where):
-        return gm.graph.get_attr(f"{where.target}.{name}")
+    return None if getattr(mod, name, None) is None else f"{where.target}.{name}"
 
 
-def _requires_grad(node: fx.Node | None, gm: fx.GraphModule) -> bool:
-    if node is None:
+def _resolve(gm: fx.GraphModule, qualname: str) -> object:
+    t: object = gm
+    for part in qualname.split("."):
+        t = getattr(t, part)
+    return t
+
+
+def _requires_grad(ref: Ref, gm: fx.GraphModule) -> bool:
+    if ref is None:
         return False
-    if node.op == "get_attr":
-        t = gm
-        for part in str(node.target).split("."):
-            t = getattr(t, part)
-        return bool(getattr(t, "requires_grad", False))
-    v = value(node)
+    if isinstance(ref, str):
+        return bool(getattr(_resolve(gm, ref), "requires_grad", False))
+    if ref.op == "get_attr":
+        return bool(getattr(_resolve(gm, str(ref.target)), "requires_grad", False))
+    v = value(ref)
     return True if v is None else bool(v.requires_grad)  # unknown: assume it does
+
+
+def _node(edit: GraphEdit, ref: Ref) -> fx.Node | None:
+    """The copy's node for a reference (a get_attr made now for an attribute name)."""
+    return edit.attr(ref) if isinstance(ref, str) else edit.node(ref)
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -208,59 +224,56 @@ def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | N
     return linears, None, dropouts
 
 
-def share_norm_outputs(gm: fx.GraphModule, skip: dict[str, str] | None = None, options: Options | None = None) -> list[Site]:
-    """Rewrite every norm whose output can be shared with the linears after it (module docstring)."""
-    skip = {} if skip is None else skip
-    sites: list[Site] = []
-    for n in list(gm.graph.nodes):
+def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
+    """Every norm -> linear site (module docstring), with the reason it cannot be shared where it cannot."""
+    candidates: list[Candidate] = []
+    for n in gm.graph.nodes:
         norm = _find_norm(gm, n)
         if norm is None:
             continue
         linears, blocker, dropouts = _consumers(gm, norm.z)
-        pattern = f"{norm.pattern} -> {len(linears)} x linear"
-        site = Site(id=norm.z.name, path=module_path(n), pattern=pattern, rewritten=False)
-        sites.append(site)
         xv = value(norm.x)
-        if norm.z.name in skip:
-            site.reason = skip[norm.z.name]
-        elif blocker is not None:
-            site.reason = blocker
+        if blocker is not None:
+            reason = blocker
         elif not any(_requires_grad(c.weight, gm) for c in linears):
-            site.reason = ("nothing to share: no linear with a trainable weight reads the output"
-                           + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
+            reason = ("nothing to share: no linear with a trainable weight reads the output"
+                      + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
         elif xv is not None and not xv.is_floating_point():
-            site.reason = f"input dtype {xv.dtype} is not floating point"
+            reason = f"input dtype {xv.dtype} is not floating point"
         elif norm.ndim != 1:
-            site.reason = f"normalized over {norm.ndim} dims; the linears read the last one"
+            reason = f"normalized over {norm.ndim} dims; the linears read the last one"
         else:
-            _rewrite(gm, norm, linears)
-            site.rewritten = True
-            site.bytes_saved = tensor_bytes(norm.z)
-    return sites
+            reason = ""
+        candidates.append(Candidate(
+            FAMILY, norm.z.name, module_path(n), f"{norm.pattern} -> {len(linears)} x linear",
+            bytes_saved=tensor_bytes(norm.z), skip=reason,
+            apply=lambda edit, norm=norm, linears=linears: _apply(edit, norm, linears)))
+    return candidates
 
 
-def _rewrite(gm: fx.GraphModule, norm: _Norm, linears: list[_Consumer]) -> None:
-    g = gm.graph
+def _apply(edit: GraphEdit, norm: _Norm, linears: list[_Consumer]) -> None:
     xv = value(norm.x)
     x_dtype = xv.dtype if xv is not None else None
     y_dtype = norm.y_dtype or x_dtype
     z_dtype = norm.z_dtype or x_dtype
     if y_dtype is None or z_dtype is None:
         raise RuntimeError(f"approxbp: no dtype information for {norm.z.name}; run shape propagation first")
-    with g.inserting_before(norm.z):
-        triple = g.call_function(torch.ops.approxbp.norm_shared.default, (
-            norm.x, norm.weight, norm.bias, norm.offset, norm.ndim, norm.eps if isinstance(norm.eps, fx.Node) else float(norm.eps), norm.rms, y_dtype, z_dtype))
-        z = g.call_function(operator.getitem, (triple, 0))
-        y_hat = g.call_function(operator.getitem, (triple, 1))
-    z.meta.update({k: norm.z.meta[k] for k in ("nn_module_stack", "stack_trace", "example_value") if k in norm.z.meta})
-    norm.z.replace_all_uses_with(z)
+    with edit.inserting_before(norm.z):
+        weight, bias = _node(edit, norm.weight), _node(edit, norm.bias)
+        eps = norm.eps if isinstance(norm.eps, fx.Node) else float(norm.eps)
+        triple = edit.call(torch.ops.approxbp.norm_shared.default, (
+            norm.x, weight, bias, norm.offset, norm.ndim, eps, norm.rms, y_dtype, z_dtype))
+        z = edit.call(operator.getitem, (triple, 0))
+        y_hat = edit.call(operator.getitem, (triple, 1))
+    edit.replace(norm.z, z)
     for c in linears:
-        with g.inserting_before(c.node):
+        with edit.inserting_before(c.node):
             shared = y_hat
             for view in c.chain:  # the same views the linear's input went through
-                shared = g.node_copy(view, lambda a, v=view, s=shared: s if a is v.args[0] else a)
-            linear_input = c.node.args[1] if c.transposed else (c.node.args[0] if c.node.args else c.node.kwargs["input"])
-            new = g.call_function(torch.ops.approxbp.linear_shared.default, (
-                linear_input, shared, c.weight, c.bias, norm.weight, norm.bias, norm.offset, c.transposed))
-        new.meta.update({k: c.node.meta[k] for k in ("nn_module_stack", "stack_trace", "example_value") if k in c.node.meta})
-        c.node.replace_all_uses_with(new)
+                shared = edit.copy(view, lambda a, v=view, s=shared: s if a is edit.node(v.args[0]) else a)
+            linear = edit.node(c.node)  # its input now reads the new z (or a view of it)
+            linear_input = linear.args[1] if c.transposed else (linear.args[0] if linear.args else linear.kwargs["input"])
+            new = edit.call(torch.ops.approxbp.linear_shared.default, (
+                linear_input, shared, _node(edit, c.weight), _node(edit, c.bias), weight, bias, norm.offset,
+                c.transposed))
+        edit.replace(c.node, new)

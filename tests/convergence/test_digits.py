@@ -1,4 +1,4 @@
-"""Convergence on real data (issue 6, part 1), CI-sized: scikit-learn's digits, plain vs approxbp.
+"""Convergence on real data, CI-sized: scikit-learn's digits, plain vs approxbp.
 
 Runs ``benchmarks/convergence.py``'s protocol (plain pretraining on digits 0-4, then fine-tuning on all
 ten digits from that checkpoint, same batches for every variant) for 3 seeds with the eager inner only:

@@ -5,7 +5,7 @@ Op under test (schema as registered in approxbp_fx/ops/activations.py):
 
 References: forward is ``F.gelu``/``F.silu`` (bitwise); backward is ``dy * sum_{i<=k} a_i`` with
 k = #{i : x > c_i}, evaluated in float64 from the paper's constants, which are written out here
-(DESIGN.md section 2) rather than imported from the package.
+(Yang et al., ICML 2024, Table 1) rather than imported from the package.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from approxbp_fx import saved_activation_bytes
 from approxbp_fx.ops import regelu2, resilu2
 
-# Yang et al., ICML 2024 (DESIGN.md section 2): h(x) = sum_i a_i ReLU(x - c_i).
+# Yang et al., ICML 2024 (Table 1): h(x) = sum_i a_i ReLU(x - c_i).
 GELU_A = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
 GELU_C = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
 SILU_A = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
@@ -140,7 +140,7 @@ def test_backward_at_threshold_boundaries(name, op, ref_fwd, a, c, dtype, device
 
 
 def test_levels_follow_the_paper():
-    """Sanity of the reference itself: GELU levels 0, -0.0492, 1.0487, 1.0000 (DESIGN.md section 2)."""
+    """Sanity of the reference itself: GELU levels 0, -0.0492, 1.0487, 1.0000 (partial sums of the paper's a)."""
     x = torch.tensor([-10.0, -1.0, 1.0, 10.0], dtype=torch.float64)
     levels = step_reference(x, torch.ones_like(x), GELU_A, GELU_C)
     torch.testing.assert_close(levels, torch.tensor([0.0, -0.0492, 1.0487, 1.0], dtype=torch.float64), atol=1e-4, rtol=0)

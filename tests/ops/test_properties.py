@@ -20,7 +20,7 @@ from torch import Tensor
 
 from approxbp_fx.ops import linear_shared, ms_layer_norm, ms_rms_norm, regelu2, resilu2
 
-# DESIGN.md section 2: (a, c) of h(x) = sum a_i ReLU(x - c_i); the derivative's levels are partial sums of a.
+# Yang et al. (ICML 2024), Table 1: (a, c) of h(x) = sum a_i ReLU(x - c_i); the derivative's levels are partial sums of a.
 PAPER = {
     "gelu": ((-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
              (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)),

@@ -1,0 +1,74 @@
+"""Inner compilers: what compiles a graph after the rewrite, and what each one means for the rewrite.
+
+Each inner is one ``Inner`` record in ``INNERS``. The options, the CLI and the rewrite families read the
+records' capabilities instead of comparing names, so a new inner is one ``register_inner`` call:
+
+    register_inner(Inner("my_inner", compile=my_compile, recomputes_glu_gate=False))
+
+``compile(gm, example_inputs, mode)`` returns the callable Dynamo runs; ``mode`` is torch.compile's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
+
+from .. import _compat
+
+__all__ = ["Inner", "INNERS", "register_inner", "get_inner"]
+
+
+@dataclass(frozen=True)
+class Inner:
+    """An inner compiler and what the rewrite must know about it.
+
+    ``recomputes_glu_gate``: the compiler already keeps only a GLU gate's input and recomputes the
+    activation (which the other factor's gradient needs), so a 2-bit code at a gate saves nothing there.
+    ``traceable_ops``: it traces through the ops (it receives their traceable, tagged forms, and its
+    partitioner reads the tags) instead of calling them as opaque custom ops."""
+
+    name: str
+    compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]
+    recomputes_glu_gate: bool = False
+    traceable_ops: bool = False
+    description: str = ""
+
+
+INNERS: dict[str, Inner] = {}
+
+
+def register_inner(inner: Inner) -> Inner:
+    """Make ``inner`` selectable as ``options={"inner": inner.name}``."""
+    if not isinstance(inner, Inner):
+        raise TypeError(f"register_inner expects an Inner, got {type(inner).__name__}")
+    INNERS[inner.name] = inner
+    return inner
+
+
+def get_inner(name: str) -> Inner:
+    try:
+        return INNERS[name]
+    except KeyError:
+        raise ValueError(f"approxbp: option 'inner' must be one of {tuple(INNERS)}, got {name!r}") from None
+
+
+def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
+    from .inductor import compile_with_steering
+
+    return compile_with_steering(gm, example_inputs, mode)
+
+
+register_inner(Inner(
+    "inductor", _compile_inductor, recomputes_glu_gate=True, traceable_ops=True,
+    description="torch.compile's default: ops traced and fused, the saved set kept by a steering partitioner",
+))
+register_inner(Inner(
+    "aot_eager", lambda gm, example_inputs, mode: _compat.aot_eager(gm, example_inputs),
+    description="AOTAutograd without code generation (opaque ops)",
+))
+register_inner(Inner(
+    "eager", lambda gm, example_inputs, mode: gm,
+    description="the rewritten graph run by Python (opaque ops)",
+))

@@ -1,0 +1,105 @@
+"""One definition per op, two generated forms: an opaque custom op and a traceable autograd.Function.
+
+An op is written once, as an ``OpSpec`` beside its kernel: the forward body, the fake (shape) function,
+what backward keeps (``setup``) and the backward. ``define_op`` generates from it
+
+* the ``torch.library`` custom op (``register_fake``, ``register_autograd``): opaque to AOTAutograd, so
+  its partitioner cannot change what backward keeps. Used by the eager and aot_eager inners and by
+  users calling the ops directly.
+* a traceable ``torch.autograd.Function`` with the same forward, setup and backward, for inners that
+  fuse across op boundaries (inductor). AOTAutograd traces through it, so the forward marks, by region
+  tags in ``node.meta["custom"]``, which of its values backward must keep (``SAVED``) and which it
+  should rebuild (``RECOMPUTE``); a partitioner that reads the tags keeps the op's saved set.
+
+    forward(form, *args)   form.traced: False for the custom op, True for the traceable form
+                           with form.tag(SAVED): ...       values leaving this block are kept
+                           with form.tag(RECOMPUTE): ...   values rebuilt in backward
+
+The two forms share every line of math; where they must differ (a fused or aten fast path that a
+tracer cannot see into) the body branches on ``form.traced`` and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from .._compat import annotate
+
+__all__ = ["OpSpec", "Form", "OPAQUE", "SAVED", "RECOMPUTE", "TAG", "define_op", "traceable_forms"]
+
+#: Key of the region tags in ``node.meta["custom"]``.
+TAG = "approxbp"
+SAVED = "saved"
+RECOMPUTE = "recompute"
+
+
+@dataclass(frozen=True)
+class Form:
+    """How an op body runs: opaque (custom op, no tags) or traced (tags name the node's region)."""
+
+    traced: bool
+    region: str = ""
+
+    def tag(self, kind: str) -> ContextManager[None]:
+        if not self.traced:
+            return contextlib.nullcontext()
+        # every op instance has its own "saved" region: a value leaving it is what backward keeps
+        return annotate({TAG: RECOMPUTE if kind == RECOMPUTE else f"{SAVED}:{self.region}"})
+
+
+OPAQUE = Form(traced=False)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op's single definition (see the module docstring). ``backward`` returns one gradient (or
+    None) per input; ``traced_non_differentiable`` lists outputs the traceable form marks
+    non-differentiable (AOTAutograd refuses double backward, so nothing is lost)."""
+
+    name: str
+    schema: str
+    forward: Callable[..., Any]
+    fake: Callable[..., Any]
+    setup: Callable[[Any, tuple[Any, ...], Any], None]
+    backward: Callable[..., tuple[Any, ...]]
+    traced_non_differentiable: tuple[int, ...] = ()
+
+
+# op overload -> traceable function taking the op's arguments and a region name last
+_TRACEABLE: dict[Any, Callable[..., Any]] = {}
+
+
+def traceable_forms() -> dict[Any, Callable[..., Any]]:
+    """{custom op overload: its traceable form}, for every op defined so far."""
+    return dict(_TRACEABLE)
+
+
+def define_op(spec: OpSpec) -> Any:
+    """Register ``spec`` as a custom op and its traceable twin; returns the custom op (a CustomOpDef)."""
+    op = torch.library.custom_op(spec.name, lambda *args: spec.forward(OPAQUE, *args), mutates_args=(),
+                                 schema=spec.schema)
+    op.register_fake(spec.fake)
+    op.register_autograd(spec.backward, setup_context=spec.setup)
+
+    class Traced(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *args: Any) -> Any:
+            *inputs, region = args
+            out = spec.forward(Form(traced=True, region=region), *inputs)
+            spec.setup(ctx, tuple(inputs), out)
+            if spec.traced_non_differentiable:
+                ctx.mark_non_differentiable(*(out[i] for i in spec.traced_non_differentiable))
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            return (*spec.backward(ctx, *grads), None)  # no gradient for the region name
+
+    Traced.__name__ = Traced.__qualname__ = spec.name.split("::")[-1] + "_traced"
+    namespace, name = spec.name.split("::")
+    _TRACEABLE[getattr(getattr(torch.ops, namespace), name).default] = Traced.apply
+    return op
