@@ -36,14 +36,14 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, opts
     start = time.perf_counter()
     candidates = find_candidates(gm, opts)
     timings = {"find": time.perf_counter() - start, "apply": 0.0, "verify": 0.0}
-    applied = apply_candidates(gm, candidates, decide(candidates, opts, gm))
+    applied = apply_candidates(gm, candidates, decide(candidates, gm))
     timings["apply"] += applied.seconds
     if opts.verify and example_inputs is not None and applied.edit.replacements:
-        applied = _verified(gm, example_inputs, opts, candidates, applied, timings)
+        applied = _verified(gm, example_inputs, candidates, applied, timings)
     return applied.gm, Report(applied.sites, [(gm, applied.gm)], timings=timings)
 
 
-def _verified(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, candidates: list[Candidate],
+def _verified(gm: fx.GraphModule, example_inputs: Sequence[Any], candidates: list[Candidate],
               applied: Applied, timings: dict[str, float]) -> Applied:
     """``applied`` checked site by site (``approxbp_fx.verify``); failing sites are dropped with a warning."""
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def _verified(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Options, 
         if not verdict.bad and verdict.combination is None:
             break
         timings["verify"] += time.perf_counter() - start
-        applied = apply_candidates(gm, candidates, decide(candidates, opts, gm, verdicts))
+        applied = apply_candidates(gm, candidates, decide(candidates, gm, verdicts))
         timings["apply"] += applied.seconds
         start = time.perf_counter()
         if verdict.combination is not None or not applied.edit.replacements:

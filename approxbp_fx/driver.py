@@ -1,8 +1,8 @@
 """The rewrite driver: find -> decide -> apply, for every family, on one copy of a graph.
 
-    candidates = [c for family in FAMILIES for c in family.find(gm, options)]   # gm is never touched
-    decide:  a candidate runs unless its family is switched off, the family skips it (c.skip), the
-             graph carries no gradients, or verification dropped it (``verdicts``)
+    candidates = [c for family in FAMILIES if family is on for c in family.find(gm, options)]   # gm untouched
+    decide:  a candidate runs unless the family skips it (c.skip), the graph carries no gradients, or
+             verification dropped it (``verdicts``); families switched off by the options are not searched
     apply:   one copy of gm; each family's chosen candidates apply through a ``GraphEdit``, then the
              nodes they made dead are removed; the copy is linted and recompiled once
 
@@ -50,20 +50,19 @@ def produces_gradients(gm: fx.GraphModule) -> bool:
 
 
 def find_candidates(gm: fx.GraphModule, options: Options) -> list[Candidate]:
-    """Every family's candidates, in family order; ``gm`` is left exactly as it was."""
-    return [c for family in FAMILIES for c in family.find(gm, options)]
+    """The candidates of every family the options switch on, in family order; ``gm`` is left exactly as it
+    was. A family switched off is not even looked for (its sites are not in the report)."""
+    return [c for family in FAMILIES if getattr(options, family.FAMILY) for c in family.find(gm, options)]
 
 
-def decide(candidates: list[Candidate], options: Options, gm: fx.GraphModule,
+def decide(candidates: list[Candidate], gm: fx.GraphModule,
            verdicts: dict[str, str] | None = None) -> dict[str, str]:
     """{candidate id: reason} for every candidate that must not be applied."""
     verdicts = verdicts or {}
     grads = produces_gradients(gm)
     skipped: dict[str, str] = {}
     for c in candidates:
-        if not getattr(options, c.family):
-            skipped[c.id] = f"option {c.family!r} is off"
-        elif c.id in verdicts:
+        if c.id in verdicts:
             skipped[c.id] = verdicts[c.id]
         elif not grads:
             # traced under no_grad/inference_mode: nothing is saved for backward, a rewrite only costs time

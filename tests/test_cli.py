@@ -62,7 +62,7 @@ def test_explain_local_directory_exact_mode(tmp_path, capsys):
     (["explain", "no-such-model"], "unknown model 'no-such-model'"),
     (["explain", "vit", "--layers", "0"], "--layers must be positive"),
     (["explain", "llama", "--image", "32"], "--image applies to vision models"),
-    (["explain", "vit", "--inner", "tvm"], "--inner must be one of eager"),
+    (["explain", "vit", "--inner", "tvm"], "--inner must be one of inductor"),
     ([], "required"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
