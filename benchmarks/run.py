@@ -389,10 +389,10 @@ def write_report(args, preset, geometries, results, skipped, elapsed, out: pathl
                f"| op | {a} | {b} | difference |", "|---|---:|---:|---:|"]
         md += [f"| `{op}` | {x:.3f} | {y:.3f} | {y - x:+.3f} |" for op, x, y in p["rows"]]
         md += [""]
-    # Studies produced by their own scripts (bits_study.py, convergence.py) are carried along, so
+    # Studies produced by their own scripts (bits_study.py, convergence.py, compile_time.py) are carried along, so
     # regenerating this file keeps them; each states the command that made it.
     studies = pathlib.Path(__file__).parent / "results"
-    for name in ("bits_study.md", "convergence.md"):
+    for name in ("bits_study.md", "convergence.md", "compile_time.md"):
         if (studies / name).exists():
             md += ["#" + line if line.startswith("#") else line for line in (studies / name).read_text().splitlines()] + [""]
     out.write_text("\n".join(md))
