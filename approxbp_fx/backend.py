@@ -23,7 +23,7 @@ from .inners import get_inner
 from .options import Options
 from .passes._edit import Candidate
 from .report import Report
-from .verify import check_sites, concrete_inputs, record_original
+from .verify import check_outputs, check_sites, concrete_inputs, record_original
 
 __all__ = ["Options", "approxbp_backend", "compile", "rewrite", "explain", "rewrite_graph"]
 
@@ -55,22 +55,32 @@ def _verified(gm: fx.GraphModule, example_inputs: Sequence[Any], candidates: lis
         log.warning("approxbp: forward not verified (the original graph failed on the example inputs: %s)", exc)
         timings["verify"] += time.perf_counter() - start
         return applied
-    verdicts: dict[str, str] = {}
     rewritten_ids = [s.id for s in applied.sites if s.rewritten]
+    verdicts: dict[str, str] = {}
+    combination: str | None = None
     while True:
         verdict = check_sites(applied.gm, applied.edit.replacements, original, inputs)
-        if verdict.combination is not None:  # only the sites together fail: keep none rather than guess
-            verdicts.update({sid: verdict.combination for sid in rewritten_ids if sid not in verdicts})
-        else:
-            verdicts.update(verdict.bad)
-        if not verdict.bad and verdict.combination is None:
+        verdicts.update(verdict.bad)
+        combination = verdict.combination
+        if not verdict.bad:
             break
         timings["verify"] += time.perf_counter() - start
         applied = apply_candidates(gm, candidates, decide(candidates, gm, verdicts))
         timings["apply"] += applied.seconds
         start = time.perf_counter()
-        if verdict.combination is not None or not applied.edit.replacements:
+        if not applied.edit.replacements:
             break
+        if verdict.complete:
+            # every other site was checked on the original's values: one plain run of the rebuilt graph
+            # checks them together
+            combination = check_outputs(applied.gm, original, inputs)
+            break
+    if combination is not None:  # only the sites together fail: keep none rather than guess
+        verdicts.update({sid: combination for sid in rewritten_ids if sid not in verdicts})
+        timings["verify"] += time.perf_counter() - start
+        applied = apply_candidates(gm, candidates, decide(candidates, gm, verdicts))
+        timings["apply"] += applied.seconds
+        start = time.perf_counter()
     timings["verify"] += time.perf_counter() - start
     for s in applied.sites:
         if s.id in verdicts:

@@ -8,7 +8,8 @@ Two runs, whatever the number of sites:
    passed on, so every later site is checked on the inputs it would see in the original graph: one bad
    site never makes its neighbours look bad. A node that raises is blamed on the site that created it.
 
-If every site matches but the outputs do not, only a combination fails, and no site can be blamed.
+If every site matches but the outputs do not, only a combination fails, and no site can be blamed. After
+the failing sites are dropped, one plain run of the rebuilt graph checks the others together.
 Both runs happen under ``no_grad``, with the RNG state restored before each and with copies of every
 input but the parameters, so dropout draws the same masks and BatchNorm statistics and in-place updated
 inputs are left as they were.
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from ._compat import is_fake, tree_leaves, unset_fake_temporarily
 from .passes._edit import SITE_KEY
 
-__all__ = ["mismatch", "concrete_inputs", "Verdict", "check_sites", "record_original", "OriginalRun"]
+__all__ = ["mismatch", "concrete_inputs", "Verdict", "check_sites", "check_outputs", "record_original", "OriginalRun"]
 
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -111,10 +112,11 @@ def record_original(gm: fx.GraphModule, inputs: Sequence[Any], keep: set[str]) -
 
 
 class Verdict:
-    """``bad``: {site id: why}; ``combination``: what differs when only the sites together fail."""
+    """``bad``: {site id: why}; ``combination``: what differs when only the sites together fail;
+    ``complete``: False when a raising site cut the run short (later sites are unchecked)."""
 
-    def __init__(self, bad: dict[str, str], combination: str | None) -> None:
-        self.bad, self.combination = bad, combination
+    def __init__(self, bad: dict[str, str], combination: str | None, complete: bool = True) -> None:
+        self.bad, self.combination, self.complete = bad, combination, complete
 
 
 class _Checker(fx.Interpreter):
@@ -154,8 +156,18 @@ def check_sites(rewritten: fx.GraphModule, replacements: dict[fx.Node, tuple[str
     try:
         outputs = _isolated(checker.run, inputs)
     except _SiteRaised as exc:
-        return Verdict({**checker.bad, exc.site: exc.reason}, None)
+        return Verdict({**checker.bad, exc.site: exc.reason}, None, complete=False)
     if checker.bad:
         return Verdict(checker.bad, None)
     problem = mismatch(original.outputs, outputs)
     return Verdict({}, None if problem is None else f"forward mismatch in verification ({problem})")
+
+
+def check_outputs(rewritten: fx.GraphModule, original: OriginalRun, inputs: Sequence[Any]) -> str | None:
+    """What differs between the rewritten graph's outputs and the original run's (None: nothing), from one
+    plain run of the rewritten graph."""
+    try:
+        problem = mismatch(original.outputs, _isolated(rewritten, inputs))
+    except Exception as exc:
+        return f"forward mismatch in verification (the rewritten graph raised {type(exc).__name__}: {exc})"
+    return None if problem is None else f"forward mismatch in verification ({problem})"
