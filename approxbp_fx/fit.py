@@ -386,18 +386,13 @@ def _fingerprint(f: Callable[[Tensor], Tensor]) -> str:
     return hashlib.sha256(_eval(f, x).numpy().tobytes()).hexdigest()[:16]
 
 
-_memo: dict[str, StepDerivative] = {}
-
-
 def cached_step_derivative(name: str, f: Callable[[Tensor], Tensor], bits: int) -> StepDerivative:
     """``fit_step_derivative(f, bits)``, fitted at most once per machine.
 
     Results are kept in ``cache_dir() / "step_derivatives.json"``, keyed by the name, the width, a
-    fingerprint of f's values and the fit's version; within a process they are also kept in memory. An
-    unreadable or unwritable cache only costs a refit (logged), never an error."""
+    fingerprint of f's values and the fit's version (``step_for`` keeps them in memory within a process).
+    An unreadable or unwritable cache only costs a refit (logged), never an error."""
     key = f"{name}|{bits}|{_fingerprint(f)}|v{_FIT_VERSION}"
-    if key in _memo:
-        return _memo[key]
     path = cache_dir() / "step_derivatives.json"
     try:
         stored = json.loads(path.read_text())
@@ -421,5 +416,4 @@ def cached_step_derivative(name: str, f: Callable[[Tensor], Tensor], bits: int) 
             os.replace(tmp.name, path)  # atomic: a concurrent reader sees the old or the new file
         except OSError as exc:
             log.warning("approxbp: could not cache fitted constants in %s (%s)", path, exc)
-    _memo[key] = step
     return step

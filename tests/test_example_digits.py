@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_digits.py"
 
@@ -21,11 +23,7 @@ pytest.importorskip("sklearn")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("approxbp_example_finetune_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "approxbp_example_finetune_digits")
 
 
 def test_cache_key_follows_the_configuration():

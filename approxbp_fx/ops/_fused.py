@@ -86,33 +86,32 @@ def fused(fn: F) -> F:
     static: dict[tuple[object, ...], Callable[..., object]] = {}
     dynamic: dict[tuple[object, ...], Callable[..., object]] = {}
 
-    def compiled_for(args: tuple[object, ...]) -> Callable[..., object]:
+    def slot_for(args: tuple[object, ...]) -> tuple[dict[tuple[object, ...], Callable[..., object]], tuple[object, ...]]:
+        """The table and key whose entry runs these arguments, with the entry compiled on first use."""
         key = _variant_key(args, shapes=True)
         if key in static:
-            return static[key]
+            return static, key
         n = len(static) + len(dynamic)
         if len(static) < STATIC_VARIANTS:
             static[key] = torch.compile(_fresh_copy(fn, n), dynamic=False, fullgraph=True)
-            return static[key]
+            return static, key
         key = _variant_key(args, shapes=False)
         if key not in dynamic:
             dynamic[key] = torch.compile(_fresh_copy(fn, n), dynamic=True, fullgraph=True)
-        return dynamic[key]
+        return dynamic, key
 
     @functools.wraps(fn)
     def wrapper(*args: object) -> object:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if kernel_mode() == "eager" or is_tracing(*tensors):
             return fn(*args)
-        compiled = compiled_for(args)
+        table, key = slot_for(args)
         try:
-            return compiled(*args)
+            return table[key](*args)
         except DynamoError as exc:
             # A machine without a working C compiler still gets correct (slower) results. Only this
             # signature falls back: its slot now holds the plain body, the others keep their kernels.
-            key = _variant_key(args, shapes=True)
-            table = static if key in static else dynamic
-            table[key if table is static else _variant_key(args, shapes=False)] = fn
+            table[key] = fn
             log.warning("approxbp_fx: compiling %s for %s failed (%s); using eager kernels for it",
                         fn.__name__, key, exc)
             return fn(*args)

@@ -237,17 +237,24 @@ def _code_bytes(x: Tensor, bits: int) -> int:
     return (x.numel() + per_byte - 1) // per_byte
 
 
-def _step_act_forward(form, x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
-    """y = fn(x) and the packed step code of x. ``levels`` is only read by the backward."""
+def _step_code(form, x: Tensor, thresholds: list[float], levels: list[float]) -> Tensor:
+    """The packed step code of x: what backward keeps (``levels`` only sets the code's width)."""
     bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
     with form.tag(SAVED):
-        code = _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
-    return activation_by_op_name(fn).forward(x), code
+        return _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
+
+
+def _fake_code(x: Tensor, thresholds: list[float], levels: list[float]) -> Tensor:
+    return x.new_empty(_code_bytes(x, StepDerivative(tuple(thresholds), tuple(levels)).bits), dtype=torch.uint8)
+
+
+def _step_act_forward(form, x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
+    """y = fn(x) and the packed step code of x."""
+    return activation_by_op_name(fn).forward(x), _step_code(form, x, thresholds, levels)
 
 
 def _step_act_fake(x: Tensor, fn: str, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
-    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
-    return torch.empty_like(x), x.new_empty(_code_bytes(x, bits), dtype=torch.uint8)
+    return torch.empty_like(x), _fake_code(x, thresholds, levels)
 
 
 def _step_setup(ctx, inputs, output) -> None:
@@ -279,15 +286,11 @@ def _step_attach_forward(form, x: Tensor, y: Tensor, thresholds: list[float], le
 
     The copy of y is the price of keeping a decomposed forward bit for bit what it was (a custom op's
     output must not alias its input)."""
-    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
-    with form.tag(SAVED):
-        code = _encode(_planes(x, 8 // bits), _thresholds(thresholds, x))
-    return y.clone(), code
+    return y.clone(), _step_code(form, x, thresholds, levels)
 
 
 def _step_attach_fake(x: Tensor, y: Tensor, thresholds: list[float], levels: list[float]) -> tuple[Tensor, Tensor]:
-    bits = StepDerivative(tuple(thresholds), tuple(levels)).bits
-    return torch.empty_like(y), x.new_empty(_code_bytes(x, bits), dtype=torch.uint8)
+    return torch.empty_like(y), _fake_code(x, thresholds, levels)
 
 
 define_op(OpSpec(

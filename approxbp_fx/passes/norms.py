@@ -86,10 +86,8 @@ def _resolve(gm: fx.GraphModule, qualname: str) -> object:
 def _requires_grad(ref: Ref, gm: fx.GraphModule) -> bool:
     if ref is None:
         return False
-    if isinstance(ref, str):
-        return bool(getattr(_resolve(gm, ref), "requires_grad", False))
-    if ref.op == "get_attr":
-        return bool(getattr(_resolve(gm, str(ref.target)), "requires_grad", False))
+    if isinstance(ref, str) or ref.op == "get_attr":
+        return bool(getattr(_resolve(gm, ref if isinstance(ref, str) else str(ref.target)), "requires_grad", False))
     v = value(ref)
     return True if v is None else bool(v.requires_grad)  # unknown: assume it does
 

@@ -10,22 +10,18 @@ Takes ~1.5-3 minutes on 2 cores (one torch thread: this tiny model runs 5x faste
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
 import torch
+
+from scripts import load_script
 
 _PATH = pathlib.Path(__file__).parents[2] / "benchmarks" / "convergence.py"
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("approxbp_convergence_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH, "approxbp_convergence_benchmark")
 
 
 @pytest.fixture(scope="module")
