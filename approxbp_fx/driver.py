@@ -4,7 +4,9 @@
     decide:  a candidate runs unless the family skips it (c.skip), the graph carries no gradients, or
              verification dropped it (``verdicts``); families switched off by the options are not searched
     apply:   one copy of gm; each family's chosen candidates apply through a ``GraphEdit``, then the
-             nodes they made dead are removed; the copy is linted and recompiled once
+             nodes they made dead are removed; the copy is linted and recompiled once. A candidate that
+             would replace a node an applied candidate already replaced (``Candidate.replaces``: a linear
+             that a norm site shares, a dropout in its chain) is left out: that node is rewritten already
 
 Candidates name the nodes of the original graph; a ``GraphEdit`` translates them into the copy and
 follows earlier replacements (a linear that the norm family replaced is what an activation after it
@@ -86,11 +88,15 @@ def apply_candidates(gm: fx.GraphModule, candidates: list[Candidate], skipped: d
     new, node_map = copy_graph_module(gm)
     edit = GraphEdit(new, node_map)
     sites: list[Site] = []
+    taken: set[fx.Node] = set()
     for family in _in_order(candidates):
         for c in family:
+            if taken.intersection(c.replaces):
+                continue  # covered by an applied site: neither rewritten again nor a skip to report
             if c.id in skipped:
                 sites.append(c.site(False, skipped[c.id]))
                 continue
+            taken.update(c.replaces)
             edit.site = c.id
             c.apply(edit)
             sites.append(c.site(True))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .._compat import HAS_FUSED_RMS_NORM, fused_rms_norm
 from ._fused import fused, is_tracing
+from .dropout import mask_bytes, mask_multiply
 from .spec import RECOMPUTE, SAVED, OpSpec, define_op
 
 __all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
@@ -240,7 +241,8 @@ define_op(OpSpec(
 
 def _linear_shared_forward(
     form, z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
-    norm_bias: Tensor | None, norm_weight_offset: float, weight_transposed: bool,
+    norm_bias: Tensor | None, norm_weight_offset: float, weight_transposed: bool, index: Tensor | None,
+    mask: Tensor | None, mask_scale: float,
 ) -> Tensor:
     device = z.device.type
     if not torch.is_autocast_enabled(device):
@@ -264,35 +266,51 @@ def linear_forward(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: b
     return F.linear(z, weight, bias)
 
 
-def _linear_shared_fake(z, y_hat, weight, bias, norm_weight, norm_bias, norm_weight_offset, weight_transposed):
+def _linear_shared_fake(z, y_hat, weight, bias, norm_weight, norm_bias, norm_weight_offset, weight_transposed, index,
+                        mask, mask_scale):
     out_features = weight.shape[1] if weight_transposed else weight.shape[0]
     return z.new_empty((*z.shape[:-1], out_features))
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed = inputs
-    # z itself is not saved: backward rebuilds it from the shared y_hat.
-    ctx.save_for_backward(y_hat, weight, norm_weight, norm_bias)
-    ctx.offset, ctx.transposed, ctx.z_dtype = offset, transposed, z.dtype
+    z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed, index, mask, mask_scale = inputs
+    # z itself is not saved: backward rebuilds it from the shared y_hat (and the index and mask, which
+    # the gather and the dropout before the linear keep anyway).
+    ctx.save_for_backward(y_hat, weight, norm_weight, norm_bias, index, mask)
+    ctx.offset, ctx.transposed, ctx.z_dtype, ctx.mask_scale = offset, transposed, z.dtype, mask_scale
     ctx.bias_dtype = None if bias is None else bias.dtype
     # Under autocast the forward's matmul ran in a lower precision than z and the weight: the
     # backward runs its matmuls in that dtype too (backward usually runs outside the autocast region).
     ctx.compute_dtype = output.dtype
 
 
+def rebuild_input(
+    y_hat: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, offset: float, z_dtype: torch.dtype,
+    index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
+) -> Tensor:
+    """The linear's input rows from the shared y_hat [rows, in]: the norm's affine, then the rows the
+    linear read (``index``: an expert's gathered tokens), then the dropout mask applied to them."""
+    if index is not None:
+        y_hat = y_hat.index_select(0, index)
+    z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype)
+    if mask is not None:
+        z = mask_multiply(z, mask, mask_scale)
+    return z
+
+
 def _linear_backward(
     grad: Tensor, y_hat: Tensor, weight: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
     offset: float, transposed: bool, z_dtype: torch.dtype, compute_dtype: torch.dtype, need_z: bool, need_w: bool,
-    need_b: bool,
+    need_b: bool, index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """grad is [rows, out], y_hat [rows, in]; matmuls in ``compute_dtype``."""
+    """grad is [rows, out], y_hat [rows, in] (before ``index``); matmuls in ``compute_dtype``."""
     grad_z = grad_w = grad_b = None
     grad = grad.to(compute_dtype)
     if need_z:
         w = weight.to(compute_dtype)
         grad_z = grad @ w.t() if transposed else grad @ w
     if need_w:
-        z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype).to(compute_dtype)
+        z = rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale).to(compute_dtype)
         grad_w = z.t() @ grad if transposed else grad.t() @ z
     if need_b:
         grad_b = grad.sum(0)
@@ -301,25 +319,26 @@ def _linear_backward(
 
 def _linear_backward_autograd(ctx, grad: Tensor):
     # plain torch ops: with create_graph=True they record a graph (through y_hat into the norm's backward)
-    y_hat, weight, norm_weight, norm_bias = ctx.saved_tensors
+    y_hat, weight, norm_weight, norm_bias, index, mask = ctx.saved_tensors
     need_z, _, need_w, need_b = ctx.needs_input_grad[:4]
     grad_z, grad_w, grad_b = _linear_backward(
         grad.reshape(-1, grad.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]), weight, norm_weight, norm_bias,
         ctx.offset, ctx.transposed, ctx.z_dtype, ctx.compute_dtype, need_z, need_w, need_b and ctx.bias_dtype is not None,
+        index, mask, ctx.mask_scale,
     )
     if grad_z is not None:
-        grad_z = grad_z.view(y_hat.shape).to(ctx.z_dtype)
+        grad_z = grad_z.view(*grad.shape[:-1], -1).to(ctx.z_dtype)
     if grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(ctx.bias_dtype)
-    return grad_z, None, grad_w, grad_b, None, None, None, None
+    return grad_z, None, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 define_op(OpSpec(
     "approxbp::linear_shared",
     "(Tensor z, Tensor y_hat, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, "
-    "float norm_weight_offset, bool weight_transposed) -> Tensor",
+    "float norm_weight_offset, bool weight_transposed, Tensor? index, Tensor? mask, float mask_scale) -> Tensor",
     _linear_shared_forward, _linear_shared_fake, _linear_setup, _linear_backward_autograd,
 ))
 
@@ -364,14 +383,29 @@ def ms_rms_norm(
 def linear_shared(
     z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: Tensor | None = None,
     norm_bias: Tensor | None = None, norm_weight_offset: float = 0.0, weight_transposed: bool = False,
+    index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
 ) -> Tensor:
     """``F.linear(z, weight, bias)`` that keeps the norm's ``y_hat`` for backward instead of ``z``.
 
     ``norm_weight``/``norm_bias``/``norm_weight_offset`` must be those that produced ``z`` from
     ``y_hat``; they are only read to rebuild z for the weight gradient. ``weight_transposed=True``
     takes a ``[in, out]`` weight (GPT-2's Conv1D: ``addmm(bias, z, weight)``).
+
+    z may also be rows of the norm's output, and/or that output after dropout: ``index`` (1-D, int64)
+    says which rows of ``y_hat.reshape(-1, in)`` z holds (``z = out[index]``, as a mixture-of-experts
+    block feeds an expert), ``mask``/``mask_scale`` the dropout applied to them last (the 1-bit mask of
+    ``approxbp_fx.ops.dropout.dropout_packed`` and the value kept elements were scaled by).
     """
-    if z.shape != y_hat.shape:
-        raise ValueError(f"z {tuple(z.shape)} and y_hat {tuple(y_hat.shape)} must have the same shape")
+    rows = y_hat.reshape(-1, y_hat.shape[-1])
+    expected = (rows.shape[0] if index is None else index.numel(), y_hat.shape[-1])
+    if z.dim() == 0 or (z.numel() // z.shape[-1], z.shape[-1]) != expected:
+        raise ValueError(f"z {tuple(z.shape)} does not hold {expected[0]} rows of y_hat {tuple(y_hat.shape)}"
+                         + ("" if index is None else f" selected by index {tuple(index.shape)}"))
+    if index is not None and (index.dim() != 1 or index.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"index must be a 1-D int32/int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
+    if mask is not None and (mask.dtype != torch.uint8 or mask.numel() != mask_bytes(z)):
+        raise ValueError(f"mask must be the packed uint8 mask of z ({mask_bytes(z)} bytes), got {mask.dtype} "
+                         f"of shape {tuple(mask.shape)}")
     return torch.ops.approxbp.linear_shared(
-        z, y_hat, weight, bias, norm_weight, norm_bias, float(norm_weight_offset), weight_transposed)
+        z, y_hat, weight, bias, norm_weight, norm_bias, float(norm_weight_offset), weight_transposed, index, mask,
+        float(mask_scale))

@@ -32,6 +32,9 @@ class Candidate:
     skip: str = ""  # why the family leaves it as it is; empty: it can be applied
     constants: str = ""
     apply: Callable[["GraphEdit"], None] | None = field(default=None, repr=False)
+    #: original nodes the candidate replaces; a later candidate that would replace one of them again is
+    #: not applied (the node is already part of an applied site)
+    replaces: tuple[fx.Node, ...] = field(default=(), repr=False)
 
     def site(self, rewritten: bool, reason: str = "") -> Site:
         return Site(self.id, self.path, self.pattern, rewritten, "" if rewritten else reason,

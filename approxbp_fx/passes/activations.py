@@ -204,7 +204,8 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             constants="" if step is None else (
                 f"{source} {options.bits}-bit: thresholds {tuple(round(v, 4) for v in step.thresholds)}, "
                 f"levels {tuple(round(v, 4) for v in step.levels)}"),
-            apply=lambda edit, y=y, x=x, nodes=nodes, native=native, step=step: _apply(edit, y, x, nodes, native, step)))
+            apply=lambda edit, y=y, x=x, nodes=nodes, native=native, step=step: _apply(edit, y, x, nodes, native, step),
+            replaces=(y,)))
     candidates.reverse()  # graph order, as the report lists them
     return candidates
 

@@ -245,7 +245,8 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
         candidates.append(Candidate(
             FAMILY, norm.z.name, module_path(n), f"{norm.pattern} -> {len(linears)} x linear",
             bytes_saved=tensor_bytes(norm.z), skip=reason,
-            apply=lambda edit, norm=norm, linears=linears: _apply(edit, norm, linears)))
+            apply=lambda edit, norm=norm, linears=linears: _apply(edit, norm, linears),
+            replaces=(norm.z, *(c.node for c in linears))))
     return candidates
 
 
@@ -273,5 +274,5 @@ def _apply(edit: GraphEdit, norm: _Norm, linears: list[_Consumer]) -> None:
             linear_input = linear.args[1] if c.transposed else (linear.args[0] if linear.args else linear.kwargs["input"])
             new = edit.call(torch.ops.approxbp.linear_shared.default, (
                 linear_input, shared, _node(edit, c.weight), _node(edit, c.bias), weight, bias, norm.offset,
-                c.transposed))
+                c.transposed, None, None, 1.0))
         edit.replace(c.node, new)

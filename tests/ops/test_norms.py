@@ -16,6 +16,7 @@ from torch import nn
 
 from approxbp_fx import saved_activation_bytes
 from approxbp_fx.ops import linear_shared, ms_layer_norm, ms_rms_norm
+from approxbp_fx.ops.dropout import dropout_packed, dropout_scale
 
 SHAPES = [(3, 5, 7), (1, 1, 33)]
 OUT = 4  # the linear's out_features
@@ -271,8 +272,68 @@ def test_opcheck_linear_shared(shape, transposed):
     weight = torch.randn(*((d, OUT) if transposed else (OUT, d)), requires_grad=True)
     bias = torch.randn(OUT, requires_grad=True)
     op = torch.ops.approxbp.linear_shared.default
-    torch.library.opcheck(op, (z, y_hat, weight, bias, w, b, 0.0, transposed))
-    torch.library.opcheck(op, (z, y_hat, weight.detach(), None, None, None, 0.0, transposed))
+    torch.library.opcheck(op, (z, y_hat, weight, bias, w, b, 0.0, transposed, None, None, 1.0))
+    torch.library.opcheck(op, (z, y_hat, weight.detach(), None, None, None, 0.0, transposed, None, None, 1.0))
+
+
+def test_opcheck_linear_shared_rows_and_mask():
+    """An expert's gathered rows after dropout: index and packed mask arguments."""
+    d = 16
+    w, b = torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True)
+    z, y_hat, _ = ms_layer_norm(torch.randn(3, 5, d), d, w, b)
+    index = torch.tensor([4, 0, 14, 4, 9])
+    rows, mask = dropout_packed(z.detach().reshape(-1, d)[index], 0.25)
+    rows = rows.requires_grad_()
+    weight, bias = torch.randn(OUT, d, requires_grad=True), torch.randn(OUT, requires_grad=True)
+    torch.library.opcheck(torch.ops.approxbp.linear_shared.default,
+                          (rows, y_hat, weight, bias, w, b, 0.0, False, index, mask, dropout_scale(0.25, torch.float32)))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("rms", [False, True])
+def test_linear_on_gathered_rows_matches_autograd(rms, dropout):
+    """norm -> rows out[index] (a mixture-of-experts gather) -> [dropout] -> linear, against plain autograd in
+    float64: every gradient, with the rows rebuilt in backward from y_hat, the index and the 1-bit mask."""
+    d, p = 16, 0.3
+    x = torch.randn(2, 7, d, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(d, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = None if rms else (torch.rand(d, dtype=torch.float64) - 0.5).requires_grad_()
+    weight = torch.randn(OUT, d, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(OUT, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([13, 2, 2, 0, 8, 11, 5])
+    params = [t for t in (x, gamma, beta, weight, bias) if t is not None]
+
+    def reference():
+        z = F.rms_norm(x, (d,), gamma, 1e-6) if rms else F.layer_norm(x, (d,), gamma, beta)
+        rows = z.reshape(-1, d)[index]
+        torch.manual_seed(5)
+        return F.linear(F.dropout(rows, p, True) if dropout else rows, weight, bias)
+
+    def ours():
+        n = ms_rms_norm(x, d, gamma, 1e-6) if rms else ms_layer_norm(x, d, gamma, beta)
+        rows, mask = n.z.reshape(-1, d)[index], None
+        torch.manual_seed(5)
+        if dropout:
+            rows, mask = dropout_packed(rows, p)
+        return linear_shared(rows, n.y_hat, weight, bias, gamma, beta, index=index, mask=mask,
+                             mask_scale=dropout_scale(p, x.dtype))
+
+    grad = torch.randn(index.numel(), OUT, dtype=torch.float64)
+    expected, actual = reference(), ours()
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    for e, a in zip(torch.autograd.grad(expected, params, grad), torch.autograd.grad(actual, params, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_shared_rejects_rows_that_do_not_match():
+    d = 8
+    z, y_hat, _ = ms_layer_norm(torch.randn(6, d), d)
+    with pytest.raises(ValueError, match="rows of y_hat"):
+        linear_shared(z[:3], y_hat, torch.randn(4, d), index=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="index must be"):
+        linear_shared(z[:2], y_hat, torch.randn(4, d), index=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="packed uint8 mask"):
+        linear_shared(z, y_hat, torch.randn(4, d), mask=torch.zeros(3, dtype=torch.uint8))
 
 
 # --- what is kept for backward ------------------------------------------------------------------------
