@@ -80,6 +80,19 @@ def qwen2(seed: int = 0) -> nn.Module:
     return _finish(Qwen2ForCausalLM(_decoder_config(Qwen2Config)), seed)
 
 
+def mixtral(seed: int = 0, experts_implementation: str | None = None) -> nn.Module:
+    """A mixture-of-experts decoder (4 experts, top-2): the post-attention norm feeds the router linear and
+    every expert's gathered rows. ``experts_implementation``: transformers' choice (None: its default,
+    the grouped matmul), or e.g. "eager" (one F.linear per expert on ``hidden[token_idx]``)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = _decoder_config(MixtralConfig, num_local_experts=4, num_experts_per_tok=2)
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    return _finish(MixtralForCausalLM(config), seed)
+
+
 def gemma(seed: int = 0) -> nn.Module:
     from transformers import GemmaConfig, GemmaForCausalLM
 
@@ -106,6 +119,93 @@ def bert(seed: int = 0) -> nn.Module:
 
 def vit(seed: int = 0) -> nn.Module:
     return _finish(tiny_vit(seed), seed)
+
+
+def _t5(seed: int, feed_forward_proj: str) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=MLP, num_layers=LAYERS, num_heads=HEADS,
+        dropout_rate=0.0, feed_forward_proj=feed_forward_proj, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1, use_cache=False,
+    )
+    return _finish(T5ForConditionalGeneration(config), seed)
+
+
+def t5(seed: int = 0) -> nn.Module:
+    """T5 (encoder-decoder, ReLU feed-forward): its ``T5LayerNorm`` is an RMSNorm written out, multiplying
+    the uncast input. Call with ``t5_inputs``."""
+    return _t5(seed, "relu")
+
+
+def flan_t5(seed: int = 0) -> nn.Module:
+    """Flan-T5: T5 with a gated-GELU feed-forward. Call with ``t5_inputs``."""
+    return _t5(seed, "gated-gelu")
+
+
+def t5_inputs(seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, VOCAB, (BATCH, TOKENS), generator=g),
+            "decoder_input_ids": torch.randint(3, VOCAB, (BATCH, TOKENS), generator=g)}
+
+
+class HandLayerNorm(nn.Module):
+    """LayerNorm written out as some LLM code bases do: in fp32 (mean, subtract, variance, rsqrt), weight
+    only, cast back to the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        return (self.weight * ((h - mean) * torch.rsqrt(var + self.eps))).to(x.dtype)
+
+
+class _Block(nn.Module):
+    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.norm1, self.qkv, self.proj = norm(HIDDEN), nn.Linear(HIDDEN, 3 * HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+        self.norm2, self.fc1, self.fc2 = norm(HIDDEN), nn.Linear(HIDDEN, MLP), nn.Linear(MLP, HIDDEN)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyDecoder(nn.Module):
+    """A pre-norm decoder (embedding, LAYERS blocks, final norm, head) whose norms ``norm(dim)`` makes."""
+
+    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.blocks = nn.ModuleList(_Block(norm) for _ in range(LAYERS))
+        self.norm, self.head = norm(HIDDEN), nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def hand_layernorm_decoder(seed: int = 0) -> nn.Module:
+    """``TinyDecoder`` with ``HandLayerNorm``s; same seed, same weights as ``layernorm_decoder``."""
+    torch.manual_seed(seed)
+    return _finish(TinyDecoder(HandLayerNorm), seed)
+
+
+def layernorm_decoder(seed: int = 0) -> nn.Module:
+    """``TinyDecoder`` with ``nn.LayerNorm(bias=False)``: the reference for ``hand_layernorm_decoder``."""
+    torch.manual_seed(seed)
+    return _finish(TinyDecoder(lambda d: nn.LayerNorm(d, bias=False)), seed)
 
 
 def token_inputs(seed: int = 0) -> dict[str, Tensor]:

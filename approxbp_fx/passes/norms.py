@@ -1,12 +1,18 @@
 """MS-BP: a norm and the linear layers after it share one saved tensor.
 
-    before:  z = layer_norm(x, gamma, beta)                  (or rms_norm, nn.LayerNorm, HF's decomposed
-             q = linear(z, Wq, bq); k = linear(z.view(..), Wk)   RMSNorm incl. Gemma's (1 + weight), ...)
-             h = x + z                                        (consumers that keep nothing are fine)
+    before:  z = layer_norm(x, gamma, beta)                  (or rms_norm, nn.LayerNorm, nn.RMSNorm, or any
+             q = linear(z, Wq, bq); k = linear(z.view(..), Wk)   written-out norm: LLaMA's or T5's RMSNorm,
+             h = x + z                                        Gemma's (1 + weight), LayerNorm by hand, ...)
     after:   z, y_hat, rstd = approxbp::norm_shared(x, gamma, beta, ...)
              q = approxbp::linear_shared(z, y_hat, Wq, bq, gamma, beta, ...)
              k = approxbp::linear_shared(z.view(..), y_hat.view(..), Wk, None, gamma, beta, ...)
              h = x + z
+
+Norm calls and modules are matched by their targets. Norms written out in pointwise ops, casts and
+last-dim reductions are identified by what they compute (``_norm_forms.py``): the subgraph from x to z
+is evaluated on probe rows and compared with ``norm(x) * (weight + offset) + bias``, which gives x, the
+parameters, eps and the dtypes the op needs; a form the op does not compute (eps outside the root) is
+reported and left alone.
 
 A norm is rewritten only when every consumer of its output is a linear layer (``linear``, nn.Linear,
 GPT-2's ``addmm``), possibly behind view/reshape, or an op that keeps nothing of it (add, dropout), and
@@ -31,13 +37,12 @@ from ._graph import (
     ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, is_basic_index, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
     is_call, module_path, target_module, tensor_bytes, value,
 )
+from ._norm_forms import identify, is_reduction
 
 __all__ = ["FAMILY", "find"]
 
 FAMILY = "norms"
 
-_MUL = (operator.mul, torch.mul)
-_ADD = (operator.add, torch.add)
 _DROPOUT = (F.dropout, torch.dropout)
 
 
@@ -59,6 +64,8 @@ class _Norm:
     pattern: str
     y_dtype: torch.dtype | None = None  # None: x's dtype
     z_dtype: torch.dtype | None = None
+    nodes: frozenset[fx.Node] = frozenset()  # a computed norm's nodes (x and parameters excluded)
+    skip: str = ""  # why the form must be left alone whatever its consumers; empty: it can be rewritten
 
 
 @dataclass
@@ -122,78 +129,20 @@ def _find_call_norm(gm: fx.GraphModule, n: fx.Node) -> _Norm | None:
     return None
 
 
-def _single_user(n: fx.Node) -> fx.Node | None:
-    return next(iter(n.users)) if len(n.users) == 1 else None
-
-
-def _cast_source(n: fx.Node) -> fx.Node:
-    """x for ``x.to(float32)`` / ``x.float()``, else n itself."""
-    if is_call(n, methods=("to", "float")) and len(n.all_input_nodes) == 1:
-        return n.args[0]
-    return n
-
-
-def _other(n: fx.Node, one: object) -> object:
-    a, b = n.args[0], n.args[1]
-    return b if a is one else a
-
-
-def _find_decomposed_rms(gm: fx.GraphModule, r: fx.Node) -> _Norm | None:
-    """HF's RMSNorm: h = x.to(f32); y = h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps); z = w * y.to(dt)."""
-    if not is_call(r, (torch.rsqrt,), ("rsqrt",)) or len(r.args) != 1:
+def _find_computed_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _Norm | None:
+    """A norm written out in pointwise ops, casts and last-dim reductions, identified by evaluating it
+    (``_norm_forms``); n is its first reduction."""
+    if not is_reduction(n):
         return None
-    a = r.args[0]
-    if not (is_call(a, _ADD, ("add",)) and len(a.args) == 2 and len(a.all_input_nodes) == 1):
+    found = identify(gm, n, order)
+    if found is None:
         return None
-    m = a.all_input_nodes[0]
-    eps = _other(a, m)
-    if not isinstance(eps, float) or not is_call(m, (torch.mean,), ("mean",)):
-        return None
-    dim = arg(m, 1, "dim")
-    if dim not in (-1, [-1], (-1,)) or not arg(m, 2, "keepdim", False):
-        return None
-    p = m.args[0]
-    if not (is_call(p, (torch.pow, operator.pow), ("pow",)) and len(p.args) == 2 and p.args[1] == 2):
-        return None
-    h = p.args[0]
-    y = next((u for u in r.users if is_call(u, _MUL, ("mul",)) and set(u.args) == {h, r}), None)
-    if y is None or len(r.users) != 1 or len(a.users) != 1 or len(m.users) != 1 or len(p.users) != 1:
-        return None
-    inner = {h, p, m, a, r, y} if h is not _cast_source(h) else {p, m, a, r, y}
-    if any(u not in inner for u in h.users):
-        return None
-    x = _cast_source(h)
-    y_out, nxt = y, _single_user(y)  # y_hat as the model keeps it: after its cast, if any
-    if nxt is not None and is_call(nxt, methods=("to", "type_as")):
-        y_out, nxt = nxt, _single_user(nxt)
-    z, weight, offset = y_out, None, 0.0
-    if nxt is not None and is_call(nxt, _MUL, ("mul",)) and len(nxt.args) == 2:
-        weight, offset = _weight_factor(_other(nxt, y_out))
-        if weight is not None:
-            z = nxt
-            cast = _single_user(z)
-            if cast is not None and is_call(cast, methods=("to", "type_as")):
-                z = cast
-    yv, zv = value(y_out), value(z)
-    return _Norm(z, x, weight, None, offset, 1, eps, True, "rms_norm (decomposed)" + (", 1 + weight" if offset else ""),
-                 yv.dtype if yv is not None else None, zv.dtype if zv is not None else None)
+    return _Norm(found.z, found.x, found.weight, found.bias, found.offset, 1, found.eps, found.rms, found.pattern,
+                 found.y_dtype, found.z_dtype, found.nodes, found.skip)
 
 
-def _weight_factor(f: object) -> tuple[fx.Node | None, float]:
-    """(weight, offset) for a factor ``weight``, ``weight.float()`` or ``1 + weight`` (Gemma)."""
-    if not isinstance(f, fx.Node):
-        return None, 0.0
-    f = _cast_source(f)
-    offset = 0.0
-    if is_call(f, _ADD, ("add",)) and len(f.args) == 2 and len(f.all_input_nodes) == 1 and _other(f, f.all_input_nodes[0]) in (1, 1.0):
-        f, offset = _cast_source(f.all_input_nodes[0]), 1.0
-    if f.op in ("placeholder", "get_attr"):
-        return f, offset
-    return None, 0.0
-
-
-def _find_norm(gm: fx.GraphModule, n: fx.Node) -> _Norm | None:
-    return _find_call_norm(gm, n) or _find_decomposed_rms(gm, n)
+def _find_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _Norm | None:
+    return _find_call_norm(gm, n) or _find_computed_norm(gm, n, order)
 
 
 def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | None, int]:
@@ -225,13 +174,18 @@ def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | N
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every norm -> linear site (module docstring), with the reason it cannot be shared where it cannot."""
     candidates: list[Candidate] = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[fx.Node] = set()  # nodes of computed norms found so far: a LayerNorm's second reduction
     for n in gm.graph.nodes:
-        norm = _find_norm(gm, n)
+        norm = None if n in claimed else _find_norm(gm, n, order)
         if norm is None:
             continue
+        claimed.update(norm.nodes)
         linears, blocker, dropouts = _consumers(gm, norm.z)
         xv = value(norm.x)
-        if blocker is not None:
+        if norm.skip:
+            reason = norm.skip
+        elif blocker is not None:
             reason = blocker
         elif not any(_requires_grad(c.weight, gm) for c in linears):
             reason = ("nothing to share: no linear with a trainable weight reads the output"
