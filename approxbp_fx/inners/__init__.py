@@ -26,6 +26,8 @@ class Inner:
 
     ``recomputes_glu_gate``: the compiler already keeps only a GLU gate's input and recomputes the
     activation (which the other factor's gradient needs), so a 2-bit code at a gate saves nothing there.
+    ``recomputes_weight_casts``: under autocast it already rebuilds a linear's half-precision copy of its
+    weight in backward instead of keeping it, so keeping the parameter instead saves nothing.
     ``traceable_ops``: it traces through the ops (it receives their traceable, tagged forms, and its
     partitioner reads the tags) instead of calling them as opaque custom ops."""
 
@@ -33,6 +35,7 @@ class Inner:
     compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]
     recomputes_glu_gate: bool = False
     traceable_ops: bool = False
+    recomputes_weight_casts: bool = False
     description: str = ""
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import activations, norms
+from . import activations, linears, norms
 from ._edit import Candidate, GraphEdit
 
-__all__ = ["FAMILIES", "Candidate", "GraphEdit", "activations", "norms"]
+__all__ = ["FAMILIES", "Candidate", "GraphEdit", "activations", "linears", "norms"]
 
 # norms first: an activation after a shared linear then reads the rewritten linear's output
-FAMILIES: list[ModuleType] = [norms, activations]
+# linears last: a linear another family rewrote (linear_shared casts inside already) is not rewritten again
+FAMILIES: list[ModuleType] = [norms, activations, linears]

@@ -1,0 +1,138 @@
+"""Linear layers under autocast keep their parameter for backward, not its cast copy (exact).
+
+    before (traced under torch.autocast(dtype=bf16); W, b float32 parameters):
+             out = linear(x, W, b)           (nn.Linear, F.linear, or GPT-2's addmm(b, x, W))
+                                             backward keeps W.to(bf16): a weight-sized copy per linear,
+                                             frozen or trainable (the autocast cache's copy)
+    after:   x16 = x.to(bf16)                (left out when x already is bf16)
+             out = approxbp::linear_cast(x16, W, b, transposed)
+                                             keeps W (the model keeps it anyway) and, where W is trained,
+                                             x16 (what autocast's linear keeps); W is cast again in backward
+
+A linear is a site when the tracer recorded an output dtype that differs from its weight's dtype (a half
+output from a float32 weight): that is what autocast does, and nothing else gives a linear of a float32
+weight a half output. The rewrite computes exactly what autocast's linear computes (casts of x, W and b
+to the output dtype, the linear with autocast off), so forward and gradients are bit for bit unchanged.
+
+A site is left alone when its weight is not a parameter or buffer (keeping a computed weight instead of
+its half copy would keep more bytes, not fewer), or under an inner compiler whose partitioner already
+rebuilds the cast (``Inner.recomputes_weight_casts``). Linears that the norm family rewrote (they already
+cast inside ``linear_shared``) are not rewritten again: each candidate names its linear in ``replaces``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..inners import get_inner
+from ..ops import linears as _ops  # noqa: F401  (registers approxbp::linear_cast)
+from ..options import Options
+from ._edit import Candidate, GraphEdit
+from ._graph import LINEAR_FUNCTIONS, arg, is_call, module_path, target_module, value
+
+__all__ = ["FAMILY", "find"]
+
+FAMILY = "weight_casts"
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _Linear:
+    """A linear call: its node, input, weight and bias (nodes, or attribute names of a call_module's
+    nn.Linear on symbolic_trace graphs) and the weight layout."""
+
+    def __init__(self, node: fx.Node, x: object, weight: object, bias: object, transposed: bool) -> None:
+        self.node, self.x, self.weight, self.bias, self.transposed = node, x, weight, bias, transposed
+
+
+def _match(gm: fx.GraphModule, n: fx.Node) -> _Linear | None:
+    if is_call(n, LINEAR_FUNCTIONS):
+        return _Linear(n, arg(n, 0, "input"), arg(n, 1, "weight"), arg(n, 2, "bias"), False)
+    if is_call(n, (torch.addmm,)) and len(n.args) == 3 and not n.kwargs:
+        return _Linear(n, n.args[1], n.args[2], n.args[0], True)  # GPT-2's Conv1D: addmm(b, x, W[in, out])
+    mod = target_module(gm, n)
+    if isinstance(mod, nn.Linear) and len(n.args) == 1 and not n.kwargs:
+        return _Linear(n, n.args[0], f"{n.target}.weight", None if mod.bias is None else f"{n.target}.bias", False)
+    return None
+
+
+def _tensor(gm: fx.GraphModule, ref: object) -> torch.Tensor | None:
+    """The example value of a node, or the module attribute a name or get_attr node refers to."""
+    if isinstance(ref, str) or (isinstance(ref, fx.Node) and ref.op == "get_attr"):
+        t: object = gm
+        for part in (ref if isinstance(ref, str) else str(ref.target)).split("."):
+            t = getattr(t, part, None)
+        return t if isinstance(t, torch.Tensor) else None
+    return value(ref)
+
+
+def _is_kept_by_model(gm: fx.GraphModule, ref: object) -> bool:
+    """Whether the weight lives as long as the model: a parameter (Dynamo hands parameters in as
+    placeholders whose example values are Parameters) or a module attribute (parameter or buffer)."""
+    if isinstance(ref, str) or (isinstance(ref, fx.Node) and ref.op == "get_attr"):
+        return _tensor(gm, ref) is not None
+    return isinstance(ref, fx.Node) and ref.op == "placeholder" and isinstance(value(ref), nn.Parameter)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _describe(ref: object) -> str:
+    return ref.name if isinstance(ref, fx.Node) else str(ref)
+
+
+def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
+    """Every linear that runs under autocast (module docstring), with the reason it is left alone where it is."""
+    inner = get_inner(options.inner)
+    candidates: list[Candidate] = []
+    for n in gm.graph.nodes:
+        lin = _match(gm, n)
+        if lin is None:
+            continue
+        out, w, xv = value(n), _tensor(gm, lin.weight), value(lin.x)
+        if out is None or w is None or out.dtype not in _HALF or w.dtype == out.dtype or not w.is_floating_point():
+            continue  # not a linear under autocast (or nothing recorded to tell)
+        b = None if lin.bias is None else _tensor(gm, lin.bias)
+        # the copy is kept for x's gradient: without one (x constant, nothing before it trains) none is kept
+        needs_x_grad = xv is None or xv.requires_grad
+        if inner.recomputes_weight_casts:
+            reason = (f"under the {options.inner} inner the compiler already rebuilds the weight's cast in backward "
+                      "instead of keeping it")
+        elif not _is_kept_by_model(gm, lin.weight):
+            reason = (f"weight {_describe(lin.weight)} is not a parameter or buffer: keeping it instead of its "
+                      f"{_short(out.dtype)} copy would keep more bytes")
+        elif xv is not None and not xv.is_floating_point():
+            reason = f"input dtype {xv.dtype} is not floating point"
+        elif b is not None and not b.is_floating_point():
+            reason = f"bias dtype {b.dtype} is not floating point"
+        elif not needs_x_grad:
+            reason = "no copy kept: the input needs no gradient"
+        else:
+            reason = ""
+        what = "addmm" if lin.transposed else "linear"
+        candidates.append(Candidate(
+            FAMILY, n.name, module_path(n), f"{what} (autocast {_short(out.dtype)}: weight cast rebuilt)",
+            bytes_saved=w.numel() * out.element_size() if needs_x_grad else 0, skip=reason,
+            apply=lambda edit, lin=lin, dtype=out.dtype: _apply(edit, lin, dtype),
+            replaces=(n,)))
+    return candidates
+
+
+def _node(edit: GraphEdit, ref: object) -> object:
+    return edit.attr(ref) if isinstance(ref, str) else edit.node(ref)
+
+
+def _apply(edit: GraphEdit, lin: _Linear, dtype: torch.dtype) -> None:
+    xv = value(lin.x)
+    with edit.inserting_before(lin.node):
+        x = lin.x
+        if xv is None or xv.dtype != dtype:
+            # autocast's cast of the input, as its own node: it keeps nothing for backward, and the op
+            # keeps its result (what autocast's linear keeps) when the weight trains
+            x = edit.method("to", (lin.x, dtype))
+        new = edit.call(torch.ops.approxbp.linear_cast.default,
+                        (x, _node(edit, lin.weight), _node(edit, lin.bias), lin.transposed))
+    edit.replace(lin.node, new)
