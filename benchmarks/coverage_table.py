@@ -12,6 +12,9 @@ which mode (all rewrites; exact mode, ``activations=False``; norms off, ``norms=
     python benchmarks/coverage_table.py                  # print the tables (Markdown)
     python benchmarks/coverage_table.py --write-readme   # and replace README.md's coverage section
     python benchmarks/coverage_table.py --models llama gpt2 --inners eager
+    python benchmarks/coverage_table.py --families                 # sweep of transformers families (families.py)
+    python benchmarks/coverage_table.py --families --write-readme  # and README.md's families summary
+    python benchmarks/coverage_table.py --families --only t5 whisper --family-budget 120
 
 Every configuration compiles a model once (inductor: ~20 s each on 2 CPU cores); the full run takes
 about 10 minutes there.
@@ -32,6 +35,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 COMMAND = "python benchmarks/coverage_table.py --write-readme"
+FAMILIES_START, FAMILIES_END = "<!-- families:start -->", "<!-- families:end -->"
+FAMILIES_COMMAND = "python benchmarks/coverage_table.py --families --write-readme"
+RESULTS = ROOT / "benchmarks" / "results"
 
 # A compile cache per version of the package sources: torch's caches key a graph by its ops, not by the
 # Python code of a custom op's backward (as in tests/conftest.py). Must be set before torch compiles anything.
@@ -119,13 +125,85 @@ def write_readme(text: str) -> None:
     README.write_text(readme)
 
 
+def families_section(results: list, seconds: float) -> str:
+    """README's families summary: the summary line and the table, between the families markers."""
+    import families
+
+    return (f"{FAMILIES_START}\n**Model families.** Every family below is built from its transformers config at a "
+            "tiny size and trained one step under `torch.compile(backend=\"approxbp\", options={\"inner\": "
+            "\"eager\"})` (details, skip reasons and norm exceptions: benchmarks/results/families.md).\n\n"
+            f"{families.markdown(results, seconds, FAMILIES_COMMAND).split(chr(10) + 'Families not measured')[0]}"
+            f"\n{FAMILIES_END}")
+
+
+def write_families_readme(text: str) -> None:
+    """Replace README.md between the families markers; the first time, put them after the coverage table."""
+    readme = README.read_text()
+    if FAMILIES_START in readme and FAMILIES_END in readme:
+        before, rest = readme.split(FAMILIES_START, 1)
+        readme = before + text + rest.split(FAMILIES_END, 1)[1]
+    elif END in readme:
+        before, after = readme.split(END, 1)
+        readme = before + END + "\n\n" + text + after
+    else:
+        readme = readme.rstrip("\n") + "\n\n## Coverage\n\n" + text + "\n"
+    README.write_text(readme)
+
+
+def families_main(args: argparse.Namespace) -> None:
+    """The families sweep (benchmarks/families.py): table to stdout, results/families.{md,json}, README."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import families
+
+    if args.from_json:  # the tables again from a saved sweep, without measuring
+        results, seconds, command = families.from_json(json.loads(pathlib.Path(args.from_json).read_text()))
+    else:
+        chosen = families.select(args.only, args.kinds)
+        start = time.perf_counter()
+        results = families.sweep(chosen, args.family_budget, args.total_budget,
+                                 dynamo_check=args.dynamo_check,
+                                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        seconds = time.perf_counter() - start
+        command = "python " + " ".join(["benchmarks/coverage_table.py", *sys.argv[1:]])
+    text = families.markdown(results, seconds, command)
+    print(text)
+    if not args.only and not args.kinds:  # the committed results are those of the full sweep
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "families.md").write_text("# Model families under the approxbp backend\n\n" + text + "\n")
+        if not args.from_json:
+            (RESULTS / "families.json").write_text(json.dumps(families.to_json(results, seconds, command), indent=1)
+                                                   + "\n")
+        if args.write_readme:
+            write_families_readme(families_section(results, seconds))
+    elif args.write_readme:
+        raise SystemExit("--families --write-readme writes the full sweep only: drop --only/--kinds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", action="store_true",
+                        help="sweep transformers model families instead (benchmarks/families.py)")
+    parser.add_argument("--only", nargs="+", metavar="MODEL_TYPE", help="--families: these model types only")
+    parser.add_argument("--kinds", nargs="+", choices=["decoder", "encoder", "encoder-decoder", "vision", "audio"],
+                        help="--families: these kinds only")
+    parser.add_argument("--family-budget", type=float, default=60.0, help="--families: seconds per family")
+    parser.add_argument("--total-budget", type=float, default=1800.0, help="--families: seconds in all")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="--families: rewrite the tables (and README) from a saved families.json, no sweep")
+    parser.add_argument("--dynamo-check", choices=["on-crash", "always", "never"], default="on-crash",
+                        help="--families: when to train under plain torch.compile(backend='eager') too")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="fp32 rows of these models only")
     parser.add_argument("--inners", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor"])
     parser.add_argument("--no-study", action="store_true", help="skip the per-rewrite table")
     parser.add_argument("--write-readme", action="store_true", help=f"replace README.md between {START} and {END}")
     args = parser.parse_args()
+    if args.families:
+        families_main(args)
+        return
+    if args.only or args.kinds:
+        parser.error("--only/--kinds go with --families")
 
     warnings.filterwarnings("ignore")
     torch._dynamo.config.recompile_limit = 64
