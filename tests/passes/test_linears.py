@@ -21,7 +21,7 @@ from approxbp_fx.inners import INNERS, Inner
 from approxbp_fx.options import Options
 from approxbp_fx.passes import linears
 
-from architectures import MODELS, measure
+from architectures import MODELS
 
 BF16_EXACT_GRAD_TOL = 3e-2  # tests/test_architectures.py's tolerance for exact rewrites under bf16 autocast
 D = 16
@@ -159,20 +159,18 @@ def test_linear_after_norm_stays_the_norms(net_runs) -> None:
 
 
 def test_lora_vit_autocast_eager_inner() -> None:
-    """The tests' tiny LoRA(q, v) ViT under bf16 autocast, eager inner: no weight copy is kept."""
+    """The tests' tiny LoRA(q, v) ViT under bf16 autocast, eager inner: no weight copy is kept, and the whole
+    rewrite keeps at most 0.52 of what plain eager keeps (0.73 with the weight copies)."""
     build, make_inputs = MODELS["lora_vit"]
     base = build()
+    model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
     torch._dynamo.reset()
-    eager = measure(copy.deepcopy(base), "eager", None, "autocast", make_inputs())
-    ours = measure(copy.deepcopy(base), "approxbp", "eager", "autocast", make_inputs())
-    torch._dynamo.reset()
-    ratio = ours.saved_bytes / eager.saved_bytes
-    assert ratio <= 0.52, f"saved bytes {ours.saved_bytes} / {eager.saved_bytes} = {ratio:.3f}"
-    model = copy.deepcopy(base)
     fn = approxbp_fx.compile(model, inner="eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         saved = approxbp_fx.saved_tensors(fn, exclude=[model], **make_inputs())
-        plain = approxbp_fx.saved_tensors(model, **make_inputs())
+        plain = approxbp_fx.saved_tensors(plain_model, **make_inputs())
     torch._dynamo.reset()
-    assert sum(t.untyped_storage().nbytes() for t in _weight_copies(plain, model)) > 0.25 * eager.saved_bytes
+    ours, eager = (sum(t.untyped_storage().nbytes() for t in ts) for ts in (saved, plain))
+    assert ours <= 0.52 * eager, f"saved bytes {ours} / {eager} = {ours / eager:.3f}"
+    assert sum(t.untyped_storage().nbytes() for t in _weight_copies(plain, plain_model)) > 0.25 * eager
     assert _weight_copies(saved, model) == []
