@@ -53,8 +53,10 @@ def produces_gradients(gm: fx.GraphModule) -> bool:
 
 def find_candidates(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """The candidates of every family the options switch on, in family order; ``gm`` is left exactly as it
-    was. A family switched off is not even looked for (its sites are not in the report)."""
-    return [c for family in FAMILIES if getattr(options, family.FAMILY) for c in family.find(gm, options)]
+    was. A family switched off is not even looked for (its sites are not in the report); a family whose
+    candidates belong to several options (``OPTIONS``) is searched when any is on and leaves out the rest."""
+    return [c for family in FAMILIES if any(getattr(options, o) for o in getattr(family, "OPTIONS", (family.FAMILY,)))
+            for c in family.find(gm, options)]
 
 
 def decide(candidates: list[Candidate], gm: fx.GraphModule,

@@ -15,15 +15,17 @@ BITS = (1, 2, 3)
 @dataclass(frozen=True)
 class Options:
     """Backend options. ``activations``: Approx-BP at GELU/SiLU/Mish sites (approximate gradients).
-    ``norms``: MS-BP at norm -> linear sites (exact). ``weight_casts``: linears under autocast keep their
-    parameter instead of its half-precision copy (exact). ``inner``: what compiles the rewritten graph (a
-    name in ``approxbp_fx.inners.INNERS``). ``verify``: check the rewritten forward against the original
+    ``norms``: MS-BP at norm -> linear sites (exact). ``masks``: exact 1-bit masks in place of the
+    tensors exact backwards keep (ReLU/LeakyReLU/ReLU6/Hardtanh/clamp). ``weight_casts``: linears under
+    autocast keep their parameter instead of its half-precision copy (exact). ``inner``: what compiles the
+    rewritten graph (a name in ``approxbp_fx.inners.INNERS``). ``verify``: check the rewritten forward against the original
     on the example inputs. ``bits``: bits per element of the activations' step-derivative code (1, 2 or
     3); 2 uses the paper's ReGELU2/ReSiLU2 constants, other widths and activations without paper
     constants use constants fitted by ``fit_step_derivative``."""
 
     activations: bool = True
     norms: bool = True
+    masks: bool = True
     weight_casts: bool = True
     inner: str = "inductor"
     verify: bool = True

@@ -16,6 +16,14 @@ Everything the package knows about an activation is one ``Activation`` record in
 graph pass identifies sites with its float64 reference and native call targets, the op computes its
 forward by the record's ``forward``, and its step derivative comes from the paper or a cached fit.
 Adding an activation means adding one record (see ``docs/architecture.md``).
+
+Piecewise-linear activations (ReLU, LeakyReLU, ReLU6, Hardtanh, clamp) have a step function as their
+*exact* derivative. Their records carry ``mask``, torch's own backward condition, and run through
+``approxbp::mask_act``, which keeps that condition as a 1-bit mask (always 1 bit: the gradient either
+passes or is zero or scaled by a constant slope). Backward is bit for bit torch's, kinks and NaN included:
+
+    before:  y = relu(x)                       saves y            (4 bytes/elem in fp32)
+    after:   y, mask = approxbp::mask_act(x)   saves the mask     (0.125 bytes/elem)
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .spec import SAVED, OpSpec, define_op
 
 __all__ = [
     "StepDerivative", "REGELU2", "RESILU2", "regelu2", "resilu2", "step_activation", "Activation", "ACTIVATIONS",
-    "activation_by_op_name", "step_for",
+    "activation_by_op_name", "step_for", "exact_activation", "mask_activation",
 ]
 
 
@@ -105,13 +113,85 @@ class Activation:
     or None to fit them (``step_for``)."""
 
     name: str
-    reference: Callable[[Tensor], Tensor]
+    reference: Callable[..., Tensor]
     op_name: str | None = None
-    forward: Callable[[Tensor], Tensor] | None = None
+    forward: Callable[..., Tensor] | None = None
     functions: tuple[Callable[..., object], ...] = ()
     modules: tuple[type, ...] = ()
     inplace: str | None = None
     paper: StepDerivative | None = None
+    # --- exact (piecewise-linear) records only; ``reference`` and ``forward`` then take ``*params`` too ---
+    #: call_method spellings (``x.relu()``, ``x.clamp(min=0)``)
+    methods: tuple[str, ...] = ()
+    #: torch's own backward condition: True where dx = dy, elsewhere dx = ``slope(*params)`` * dy
+    mask: Callable[..., Tensor] | None = None
+    #: the site's constants, read off the site itself evaluated in float64 (``f``: x -> site(x)); None: not this op
+    params: Callable[[Callable[[Tensor], Tensor]], tuple[float, ...] | None] | None = None
+    #: names of the site's constants (``forward(x, *params)``); ``bounds``: they are compared with x
+    param_names: tuple[str, ...] = ()
+    bounds: bool = False
+    #: the gradient's factor where the mask is False (0 for all but LeakyReLU)
+    slope: Callable[..., float] = lambda *params: 0.0
+    #: what torch's own op keeps for backward: "input" or "output"
+    keeps: str = "input"
+    #: the derivative in words, formatted with the params (reports)
+    rule: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return self.mask is not None
+
+
+# --- exact records ---------------------------------------------------------------------------------
+# Each mask is the condition torch's own backward tests (torch 2.13, CPU, measured at 0, -0, the bounds, NaN):
+# relu:       threshold_backward on the result: dy unless result <= 0 (0 and -0 give 0, NaN passes)
+# leaky_relu: dy where x > 0, else slope * dy (0, -0 and NaN take the slope)
+# hardtanh:   0 where x <= min or x >= max, and at NaN (relu6 is hardtanh(0, 6))
+# clamp:      dy where min <= x <= max (both bounds pass), 0 at NaN
+
+
+def _relu_passes(x: Tensor) -> Tensor:
+    return ~(x <= 0)
+
+
+def _positive(x: Tensor, *_: float) -> Tensor:
+    return x > 0
+
+
+def _relu6_passes(x: Tensor) -> Tensor:
+    return (x > 0) & (x < 6)
+
+
+def _open_interval(x: Tensor, lo: float, hi: float) -> Tensor:
+    return (x > lo) & (x < hi)
+
+
+def _closed_interval(x: Tensor, lo: float, hi: float) -> Tensor:
+    return (x >= lo) & (x <= hi)
+
+
+def _clip(x: Tensor, lo: float, hi: float) -> Tensor:
+    """The float64 reference of clamp/hardtanh (NaN stays NaN)."""
+    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
+
+
+def _at(f: Callable[[Tensor], Tensor], *points: float) -> list[float]:
+    return f(torch.tensor(points, dtype=torch.float64)).tolist()
+
+
+def _slope_of(f: Callable[[Tensor], Tensor]) -> tuple[float, ...]:
+    return (-_at(f, -1.0)[0],)
+
+
+def _bounds(f: Callable[[Tensor], Tensor], finite: bool = True) -> tuple[float, ...] | None:
+    lo, hi = _at(f, -math.inf, math.inf)
+    if math.isnan(lo) or math.isnan(hi) or (finite and not (math.isfinite(lo) and math.isfinite(hi))):
+        return None
+    return lo, hi
+
+
+def _clamp_forward(x: Tensor, lo: float, hi: float) -> Tensor:
+    return torch.clamp(x, None if lo == -math.inf else lo, None if hi == math.inf else hi)
 
 
 # torch._C._nn.* are the call targets Dynamo writes for F.gelu / F.silu / F.mish when it inlines modules.
@@ -123,6 +203,25 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("silu", F.silu, "silu", F.silu, (F.silu,), (nn.SiLU,), "inplace", RESILU2),
     Activation("quick_gelu", _quick_gelu),
     Activation("mish", _mish, "mish", F.mish, (F.mish, torch._C._nn.mish), (nn.Mish,), "inplace"),
+    # exact: Dynamo writes F.relu for nn.ReLU, F.hardtanh(x, 0.0, 6.0, False) for nn.ReLU6 (so relu6 is
+    # tried before hardtanh: the same spellings, told apart by value)
+    Activation("relu", lambda x: torch.where(x > 0, x, 0.0), forward=torch.relu, functions=(F.relu, torch.relu),
+               modules=(nn.ReLU,), inplace="inplace", methods=("relu",), mask=_relu_passes, params=lambda f: (),
+               keeps="output", rule="dy where y > 0, else 0"),
+    Activation("leaky_relu", lambda x, slope: torch.where(x > 0, x, x * slope), forward=F.leaky_relu,
+               functions=(F.leaky_relu, torch._C._nn.leaky_relu), modules=(nn.LeakyReLU,), inplace="inplace",
+               mask=_positive, params=_slope_of, param_names=("slope",), slope=lambda slope: slope,
+               rule="dy where x > 0, else {0} * dy"),
+    Activation("relu6", lambda x: _clip(x, 0.0, 6.0), forward=F.relu6,
+               functions=(F.relu6, F.hardtanh, torch._C._nn.hardtanh), modules=(nn.Hardtanh,), inplace="inplace",
+               mask=_relu6_passes, params=lambda f: (), rule="dy where 0 < x < 6, else 0"),
+    Activation("hardtanh", _clip, forward=F.hardtanh, functions=(F.hardtanh, torch._C._nn.hardtanh),
+               modules=(nn.Hardtanh,), inplace="inplace", mask=_open_interval, params=_bounds,
+               param_names=("min", "max"), bounds=True, rule="dy where {0} < x < {1}, else 0"),
+    Activation("clamp", _clip, forward=_clamp_forward, functions=(torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max),
+               methods=("clamp", "clip", "clamp_min", "clamp_max"), mask=_closed_interval,
+               params=lambda f: _bounds(f, finite=False), param_names=("min", "max"), bounds=True,
+               rule="dy where {0} <= x <= {1}, else 0"),
 )}
 
 
@@ -141,6 +240,8 @@ def step_for(name: str, bits: int) -> tuple[StepDerivative, str]:
     The paper's constants at 2 bits where it has them; otherwise ``fit_step_derivative``'s, fitted once
     per machine (cached on disk, see ``approxbp_fx.fit.cached_step_derivative``)."""
     act = ACTIVATIONS[name]
+    if act.exact:
+        raise ValueError(f"{name} has an exact step derivative (approxbp::mask_act), nothing to fit")
     if bits == 2 and act.paper is not None:
         return act.paper, "paper"
     from ..fit import cached_step_derivative
@@ -324,3 +425,104 @@ def regelu2(x: Tensor, approximate: str = "none") -> Tensor:
 def resilu2(x: Tensor) -> Tensor:
     """``F.silu(x)`` in forward (bitwise); backward with the paper's 2-bit ReSiLU2 derivative."""
     return step_activation(x, "silu", RESILU2)
+
+
+# --- exact masks ---------------------------------------------------------------------------------
+
+
+def exact_activation(name: str) -> Activation:
+    """The exact (piecewise-linear) record called ``name``."""
+    act = ACTIVATIONS.get(name)
+    if act is None or not act.exact:
+        raise ValueError(f"unknown exact activation {name!r}; expected one of "
+                         f"{sorted(a.name for a in ACTIVATIONS.values() if a.exact)}")
+    return act
+
+
+def exact_in(dtype: torch.dtype, values: Sequence[float]) -> bool:
+    """True when every value is exactly representable in ``dtype`` (infinities are). The masks compare x
+    with the bounds in x's dtype, as torch's backward does; a bound torch would round first (0.1 in
+    float32) could be compared differently, so such sites are left alone."""
+    v = torch.tensor(list(values), dtype=torch.float64)
+    return bool(torch.equal(v.to(dtype).to(torch.float64), v)) if v.numel() else True
+
+
+@fused
+def _encode_mask(x: Tensor, mask: Callable[..., Tensor], params: tuple[float, ...]) -> Tensor:
+    """Pack ``mask(x, *params)`` 8 per byte: x is [8, m] planes, bit j of byte i holds x[j, i]'s.
+
+    Bounds are exact in x's dtype (``exact_in``), so comparing half inputs in float32 is exact too;
+    the bits are summed as floats, which inductor's CPU code vectorises (see ``_encode``)."""
+    bit = mask(x.to(_compute_dtype(x)), *params).to(torch.float32)
+    code = bit[0]
+    for j in range(1, 8):
+        code = code + bit[j] * float(1 << j)  # exact: integers below 256
+    return code.to(torch.uint8)
+
+
+@fused
+def _mask_grad(grad: Tensor, code: Tensor, slope: float) -> Tensor:
+    """dy where the mask bit is set, else ``slope`` * dy; grad is [8, m] planes, code [m].
+
+    Where the slope is 0 the gradient is a select, not a product: an inf or NaN dy then gives +0, as
+    torch's relu/hardtanh/clamp backwards do (0 * inf would be NaN, 0 * -1 is -0). LeakyReLU's product
+    runs in float32 for half inputs and rounds once, as torch's CPU kernel does."""
+    shifts = torch.arange(8, dtype=torch.int32, device=code.device).unsqueeze(-1)
+    passes = ((code.to(torch.int32).unsqueeze(0) >> shifts) & 1).to(torch.float32) > 0.5
+    if slope == 0.0:
+        return torch.where(passes, grad, 0.0)
+    g = grad.to(_compute_dtype(grad))
+    return torch.where(passes, g, g * slope).to(grad.dtype)
+
+
+def _mask_act_forward(form, x: Tensor, fn: str, params: list[float]) -> tuple[Tensor, Tensor]:
+    """y = fn(x, *params) by torch's own kernel, and the packed 1-bit mask of torch's backward condition."""
+    act = exact_activation(fn)
+    y = act.forward(x, *params)
+    with form.tag(SAVED):
+        return y, _encode_mask(_planes(x, 8), act.mask, tuple(params))
+
+
+def _mask_act_fake(x: Tensor, fn: str, params: list[float]) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(_code_bytes(x, 1), dtype=torch.uint8)
+
+
+def _mask_setup(ctx, inputs, output) -> None:
+    _, fn, params = inputs
+    ctx.slope = float(exact_activation(fn).slope(*params))
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _mask_backward(ctx, grad_y: Tensor, _grad_code: Tensor | None):
+    """Gradient of x, None for fn and params.
+
+    Double backward is supported and exact: dx is linear in dy (the same mask again) and does not
+    depend on x (torch's own second derivative of these ops is 0 in x). With create_graph=True the body
+    runs as plain torch ops, which autograd records; the compiled kernel would hide them."""
+    (code,) = ctx.saved_tensors
+    body = _mask_grad.__wrapped__ if torch.is_grad_enabled() and not is_tracing(grad_y) else _mask_grad
+    grad_x = body(_planes(grad_y, 8), code, ctx.slope)
+    return grad_x.reshape(-1)[: grad_y.numel()].view(grad_y.shape), None, None
+
+
+define_op(OpSpec(
+    "approxbp::mask_act", "(Tensor x, str fn, float[] params) -> (Tensor, Tensor)",
+    _mask_act_forward, _mask_act_fake, _mask_setup, _mask_backward,
+))
+
+
+def mask_activation(x: Tensor, name: str, params: Sequence[float] = ()) -> Tensor:
+    """``name``'s forward (torch's own kernel, bit for bit) keeping a 1-bit mask for backward, which
+    then equals torch's own backward bit for bit. ``name``: relu, leaky_relu (params: slope), relu6,
+    hardtanh (min, max) or clamp (min, max; +-inf for none)."""
+    act = exact_activation(name)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"mask_activation expects a floating-point tensor, got {type(x).__name__}"
+                        f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}")
+    params = [float(p) for p in params]
+    if len(params) != len(act.param_names):
+        raise ValueError(f"{name} takes {len(act.param_names)} parameter(s) {act.param_names}, got {len(params)}")
+    if act.bounds and not exact_in(x.dtype, params):
+        raise ValueError(f"{name} bounds {params} are not exact in {x.dtype}: torch would compare with rounded ones")
+    return torch.ops.approxbp.mask_act(x, name, params)[0]

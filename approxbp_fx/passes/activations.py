@@ -9,10 +9,23 @@ Sites are found by what they compute, not by how they are spelled: a node whose 
 back to a single tensor x is evaluated in float64 on probe points and compared with the known
 activations (``approxbp_fx.ops.activations.ACTIVATIONS``). A decomposed form therefore keeps its exact
 forward (its own nodes, fed a detached x), and only its backward changes.
+
+Piecewise-linear activations (ReLU, LeakyReLU, ReLU6, Hardtanh, clamp) have an exact step derivative.
+Their sites are single native calls (the spelling decides which of torch's backward conventions holds at
+the kinks; the value, evaluated the same way, confirms the op and gives its constants):
+
+    before:  y = relu(x)                                   keeps y (relu's backward reads its output)
+    after:   y = approxbp::mask_act(x, "relu", [])[0]      keeps a 1-bit mask; same forward kernel
+
+Those candidates belong to the ``masks`` option (exact), the others to ``activations`` (approximate),
+so this family is searched when either is on (``OPTIONS``). A mask only pays when nothing else keeps
+the tensor the op kept: a site whose output feeds a linear with a trained weight (which keeps that
+output as its input anyway) is left alone, with the consumer named in the reason.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -21,14 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..inners import get_inner
-from ..ops.activations import ACTIVATIONS, Activation, StepDerivative, step_for
+from ..ops.activations import ACTIVATIONS, Activation, StepDerivative, exact_in, step_for
 from ..options import Options
 from ._edit import Candidate, GraphEdit
-from ._graph import module_path, target_module, value
+from ._graph import LINEAR_FUNCTIONS, module_path, target_module, value
 
-__all__ = ["FAMILY", "find"]
+__all__ = ["FAMILY", "OPTIONS", "MASKS", "find"]
 
 FAMILY = "activations"
+#: the exact sites' option (and family name in reports)
+MASKS = "masks"
+#: the driver searches this family when any of these options is on
+OPTIONS = (FAMILY, MASKS)
 
 # Pointwise building blocks of activations written out; each activation's own native calls and modules
 # join them below. torch._C._nn.*: the call targets Dynamo writes for F.softplus / F.gelu.
@@ -41,18 +58,35 @@ _POINTWISE_FUNCTIONS = {
 _POINTWISE_METHODS = {"add", "mul", "sub", "div", "tanh", "sigmoid", "pow", "erf", "exp", "neg", "__mul__", "__add__"}
 _POINTWISE_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softplus)
 # native call target -> the keyword that makes it in place (None: it has none)
-_NATIVE_FUNCTIONS = {f: a.inplace for a in ACTIVATIONS.values() for f in a.functions}
-_NATIVE_MODULES = tuple({m for a in ACTIVATIONS.values() for m in a.modules})
+_APPROXIMATE = [a for a in ACTIVATIONS.values() if not a.exact]
+_EXACT = [a for a in ACTIVATIONS.values() if a.exact]
+_NATIVE_FUNCTIONS = {f: a.inplace for a in _APPROXIMATE for f in a.functions}
+_NATIVE_MODULES = tuple({m for a in _APPROXIMATE for m in a.modules})
 
 _PROBE = torch.linspace(-12.0, 12.0, 4001, dtype=torch.float64)
-_REFERENCES = [(a, a.reference(_PROBE)) for a in ACTIVATIONS.values()]
+_REFERENCES = [(a, a.reference(_PROBE)) for a in _APPROXIMATE]
+
+
+def _is_inplace(gm: fx.GraphModule, node: fx.Node, keyword: str | None) -> bool:
+    """Whether a native activation call or module runs in place. The flag may be positional: Dynamo
+    writes ``nn.LeakyReLU(0.2)`` as ``leaky_relu(x, 0.2, False)``."""
+    if node.op == "call_module":
+        return bool(getattr(target_module(gm, node), "inplace", False))
+    if keyword is None or node.op != "call_function":
+        return False
+    if keyword in node.kwargs:
+        return bool(node.kwargs[keyword])
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature has no in-place flag (torch.relu_ is its own target)
+        return False
+    return bool(bound.arguments.get(keyword, False))
 
 
 def _is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         if node.target in _NATIVE_FUNCTIONS:
-            inplace = _NATIVE_FUNCTIONS[node.target]
-            return inplace is None or not node.kwargs.get(inplace, False)
+            return not _is_inplace(gm, node, _NATIVE_FUNCTIONS[node.target])
         return node.target in _POINTWISE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _POINTWISE_METHODS
@@ -176,7 +210,14 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     claimed: set[fx.Node] = set()
     gate_skips = get_inner(options.inner).recomputes_glu_gate
     for y in reversed(gm.graph.nodes):  # outermost node of a decomposed form first
-        if y in claimed or not _is_pointwise(gm, y):
+        if y in claimed:
+            continue
+        exact = _exact_site(gm, y) if options.masks else None
+        if exact is not None:
+            candidates.append(_exact_candidate(gm, y, *exact))
+            claimed.add(y)
+            continue
+        if not options.activations or not _is_pointwise(gm, y):
             continue
         found = _cone(gm, y)
         if found is None:
@@ -223,5 +264,194 @@ def _apply(edit: GraphEdit, y: fx.Node, x: fx.Node, nodes: list[fx.Node], native
             for n in nodes:
                 env[edit.node(n)] = edit.copy(n, lambda a: env[a])
             pair = edit.call(torch.ops.approxbp.step_attach.default, (x, env[edit.node(y)], thresholds, levels))
+        out = edit.call(operator.getitem, (pair, 0))
+    edit.replace(y, out)
+
+
+# --- exact sites: piecewise-linear activations with a 1-bit mask ----------------------------------
+
+# Ops that alias (or, for casts and reshape, may alias) their input: whoever keeps a view keeps the storage.
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
+                 "expand", "expand_as", "view_as", "reshape_as", "contiguous", "t", "narrow", "split", "chunk",
+                 "unbind", "to", "type", "float", "half", "bfloat16", "double", "detach"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                   torch.narrow, torch.split, torch.chunk, torch.unbind, torch.t, torch.movedim, torch.detach,
+                   operator.getitem}
+# Ops whose backward keeps nothing of their inputs (dropout keeps its mask, not its input)
+_KEEP_NOTHING_FUNCTIONS = {operator.add, operator.sub, operator.neg, operator.iadd, torch.add, torch.sub, torch.neg,
+                           torch.cat, torch.stack, torch.sum, torch.mean, torch.clone, F.dropout, torch.dropout, F.pad}
+_KEEP_NOTHING_METHODS = {"add", "sub", "neg", "__add__", "__radd__", "__sub__", "sum", "mean", "clone"}
+_KEEP_NOTHING_MODULES = (nn.Dropout, nn.Identity)
+# Ops that keep their own output for backward: an input they produce is kept whatever its consumer does
+_OUTPUT_KEEPERS = {torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.softmax,
+                   F.softmax, F.log_softmax, torch.sqrt, torch.rsqrt}
+_OUTPUT_KEEPER_METHODS = {"relu", "sigmoid", "tanh", "exp", "softmax", "log_softmax", "sqrt", "rsqrt"}
+_OUTPUT_KEEPER_MODULES = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LogSoftmax)
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
+_MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
+_MUL_FUNCTIONS, _MUL_METHODS = {operator.mul, torch.mul}, {"mul", "__mul__", "__rmul__"}
+_DIV_FUNCTIONS, _DIV_METHODS = {operator.truediv, torch.div}, {"div", "__truediv__"}
+
+
+def _spelled_as(gm: fx.GraphModule, node: fx.Node, act: Activation) -> bool:
+    if node.op == "call_function":
+        return node.target in act.functions
+    if node.op == "call_method":
+        return node.target in act.methods
+    return node.op == "call_module" and isinstance(target_module(gm, node), act.modules)
+
+
+def _exact_site(gm: fx.GraphModule, y: fx.Node) -> tuple[Activation, fx.Node, tuple[float, ...], bool] | None:
+    """(record, x, params, in place) when y is one call of an exact activation of the single tensor x.
+
+    The spelling picks the candidate records (torch's conventions at the kinks differ: relu and clamp(min=0)
+    compute the same values but pass different gradients at 0); evaluating y in float64 gives the
+    constants (a slope, bounds) and confirms them against the record's reference."""
+    spelled = [a for a in _EXACT if _spelled_as(gm, y, a)]
+    inputs = y.all_input_nodes
+    if not spelled or len(inputs) != 1:
+        return None
+    x = inputs[0]
+    site = lambda t: _evaluate(gm, x, [y], t.clone())  # noqa: E731  (an in-place form must not write the probe)
+    out = site(_PROBE)
+    if out is None:
+        return None
+    for act in spelled:
+        try:
+            params = act.params(site)
+        except (TypeError, AttributeError):  # the site did not accept the probe points
+            continue
+        if params is not None and torch.allclose(out.to(torch.float64), act.reference(_PROBE, *params), rtol=0,
+                                                  atol=1e-12, equal_nan=True):
+            return act, x, tuple(params), _is_inplace(gm, y, act.inplace)
+    return None
+
+
+def _requires_grad(gm: fx.GraphModule, node: object) -> bool:
+    """Whether a node's tensor needs a gradient (True when unknown); constants do not."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return bool(getattr(_attr(gm, str(node.target)), "requires_grad", True))
+    v = value(node)
+    return True if v is None else bool(v.requires_grad)
+
+
+def _attr(gm: fx.GraphModule, qualname: str) -> object:
+    obj: object = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _is_view(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _VIEW_FUNCTIONS) or (
+        n.op == "call_method" and n.target in _VIEW_METHODS)
+
+
+def _keeps(gm: fx.GraphModule, u: fx.Node, t: fx.Node) -> str | None:
+    """Why ``u``'s backward keeps its input ``t`` (None: it keeps nothing of it; "?" unknown)."""
+    def other(args: tuple) -> list[object]:
+        return [a for a in args[:2] if a is not t]
+
+    if u.op == "output":
+        return None
+    if u.op == "call_module":
+        mod = target_module(gm, u)
+        if isinstance(mod, _KEEP_NOTHING_MODULES):
+            return None
+        if isinstance(mod, nn.Linear):
+            return "a linear whose weight is trained" if mod.weight.requires_grad else None
+        return "?"
+    fn = u.target
+    is_fn, is_method = u.op == "call_function", u.op == "call_method"
+    if (is_fn and fn in _KEEP_NOTHING_FUNCTIONS) or (is_method and fn in _KEEP_NOTHING_METHODS):
+        return None
+    if is_fn and fn in LINEAR_FUNCTIONS:
+        weight = u.args[1] if len(u.args) > 1 else u.kwargs.get("weight")
+        if u.args and u.args[0] is t and weight is not t:
+            return "a linear whose weight is trained" if _requires_grad(gm, weight) else None
+        return "a linear"
+    if (is_fn and fn in _MATMUL_FUNCTIONS) or (is_method and fn in _MATMUL_METHODS):
+        others = other(u.args)
+        if len(others) == 1 and not _requires_grad(gm, others[0]):
+            return None
+        return "a matmul whose other operand needs a gradient"
+    if (is_fn and fn in _MUL_FUNCTIONS) or (is_method and fn in _MUL_METHODS):
+        others = other(u.args)
+        if len(others) == 1 and not _requires_grad(gm, others[0]):
+            return None
+        return "a multiply by a tensor that needs a gradient"
+    if (is_fn and fn in _DIV_FUNCTIONS) or (is_method and fn in _DIV_METHODS):
+        if u.args and u.args[0] is t and u.args[1] is not t and not _requires_grad(gm, u.args[1]):
+            return None
+        return "a division"
+    return "?"
+
+
+def _kept_anyway(gm: fx.GraphModule, site: fx.Node, kept: fx.Node, what: str) -> str:
+    """Why ``kept`` (the tensor torch's op keeps: its input or output) stays saved for backward without
+    the site, or "" when nothing else keeps it. Views and casts of it count as it; an op this does not know
+    counts as keeping it (a mask that saves nothing would only cost its own bytes and time)."""
+    base = kept
+    while _is_view(gm, base) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    if base is not site and ((base.op == "call_function" and base.target in _OUTPUT_KEEPERS) or (
+            base.op == "call_method" and base.target in _OUTPUT_KEEPER_METHODS) or (
+            base.op == "call_module" and isinstance(target_module(gm, base), _OUTPUT_KEEPER_MODULES))):
+        return f"its {what} is kept anyway by {base.name}, whose backward reads its own output; a mask would save nothing"
+    stack, seen = [base], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u is site:
+                continue
+            if _is_view(gm, u):
+                stack.append(u)
+                continue
+            why = _keeps(gm, u, n)
+            if why == "?":
+                target = u.target if u.op != "call_function" else getattr(u.target, "__name__", u.target)
+                return (f"its {what} also feeds {u.name} ({target}), which may keep it for backward; a mask might "
+                        "save nothing")
+            if why is not None:
+                return f"its {what} is kept anyway by {u.name} ({why}); a mask would save nothing"
+    return ""
+
+
+def _exact_pattern(act: Activation, params: tuple[float, ...]) -> str:
+    if not params:
+        return act.name
+    return f"{act.name}({', '.join(f'{n}={v:g}' for n, v in zip(act.param_names, params))})"
+
+
+def _exact_candidate(gm: fx.GraphModule, y: fx.Node, act: Activation, x: fx.Node, params: tuple[float, ...],
+                     inplace: bool) -> Candidate:
+    kept = y if act.keeps == "output" else x
+    what = "output" if act.keeps == "output" else "input"
+    xv, kv = value(x), value(kept)
+    dtypes = [xv.dtype] if xv is not None else [torch.bfloat16, torch.float16]  # exact in both: exact in every float
+    if inplace:
+        reason = "in place: later readers of its input see the result; left as it is"
+    elif xv is not None and not xv.is_floating_point():
+        reason = f"input dtype {xv.dtype} is not floating point"
+    elif act.bounds and not all(exact_in(d, params) for d in dtypes):
+        reason = (f"bounds {params} are not exact in {dtypes[0] if xv is not None else 'half precision'}: torch's "
+                  "backward compares x with the rounded bounds, which a mask of the exact ones could miss")
+    else:
+        reason = _kept_anyway(gm, y, kept, what)
+    saved = 0 if kv is None else kv.numel() * kv.element_size() - (kv.numel() + 7) // 8
+    return Candidate(
+        MASKS, y.name, module_path(y), _exact_pattern(act, params), bytes_saved=saved if not reason else 0,
+        skip=reason, constants="" if reason else f"exact 1-bit: {act.rule.format(*(f'{p:g}' for p in params))}",
+        apply=lambda edit: _apply_exact(edit, y, x, act, params), replaces=(y,))
+
+
+def _apply_exact(edit: GraphEdit, y: fx.Node, x: fx.Node, act: Activation, params: tuple[float, ...]) -> None:
+    with edit.inserting_before(y):
+        pair = edit.call(torch.ops.approxbp.mask_act.default, (x, act.name, [float(p) for p in params]))
         out = edit.call(operator.getitem, (pair, 0))
     edit.replace(y, out)
