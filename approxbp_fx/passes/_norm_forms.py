@@ -112,12 +112,17 @@ def _allowed(n: fx.Node) -> bool:
     return _is_pointwise(n) or _is_cast(n) or _is_any_reduction(n) or _is_tuple_item(n)
 
 
+def _reduced(n: fx.Node) -> Any:
+    """What a reduction reduces (given positionally, or as ``input=``)."""
+    return n.args[0] if n.args else n.kwargs.get("input")
+
+
 def is_reduction(n: fx.Node) -> bool:
     """A reduction over the last dim that keeps it (``x.mean(-1, keepdim=True)``, ``var_mean``, ...):
     where a norm's search starts. Reductions over other dims never belong to a norm."""
     if not _is_any_reduction(n):
         return False
-    x = n.args[0] if n.args else n.kwargs.get("input")
+    x = _reduced(n)
     if not isinstance(x, fx.Node):
         return False
     # var/std(x, dim, unbiased, keepdim): keepdim is the fourth positional argument there
@@ -174,7 +179,7 @@ def _widens(n: fx.Node) -> bool:
 def _input_chain(gm: fx.GraphModule, r: fx.Node, d: int) -> list[fx.Node]:
     """The possible x of a norm whose reduction is r, nearest first: r's input and what it is computed
     from by single-input pointwise ops (``pow(2)``, ``h * h``) and casts that lose nothing."""
-    chain = [r.args[0]]
+    chain = [_reduced(r)]
     while len(chain) <= _CHAIN:
         n = chain[-1]
         if _is_cast(n):
@@ -369,7 +374,7 @@ def _dtype(n: fx.Node) -> torch.dtype | None:
 
 def identify(gm: fx.GraphModule, r: fx.Node, order: dict[fx.Node, int]) -> ComputedNorm | None:
     """The norm whose reduction is r (``is_reduction(r)``), or None; ``order``: each node's graph index."""
-    x0 = r.args[0]
+    x0 = _reduced(r)
     xv = value(x0)
     if xv is None or xv.dim() < 2 or not xv.is_floating_point():
         return None
