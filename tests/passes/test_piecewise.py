@@ -2,7 +2,7 @@
 
 References are plain eager runs of the same models: these rewrites are exact, so outputs and gradients
 must equal eager's bit for bit (the tiny OPT with its norms also rewritten: to float rounding). The op
-bodies run as plain torch code here (``eager_kernels``); tests/ops/test_piecewise.py checks the compiled
+bodies run as plain torch code here (``eager_kernels``); tests/ops/test_mask_act.py checks the compiled
 kernels against torch.
 """
 
@@ -101,7 +101,7 @@ def test_every_spelling_is_found_and_exact(spelled, eager_kernels):
     _assert_same_training(spelled, {})
 
 
-def test_symbolic_trace_modules():
+def test_symbolic_trace_modules(eager_kernels):
     """call_module spellings (torch.fx.symbolic_trace keeps modules as modules)."""
     model = Branches([nn.ReLU(), nn.LeakyReLU(0.2), nn.ReLU6(), nn.Hardtanh(-2.0, 3.0)])
     x = _inputs().requires_grad_()
@@ -118,7 +118,7 @@ def test_masks_false_leaves_them_alone(spelled):
     assert all("mask_act" not in after.code for _, after in report.graphs)
 
 
-def test_masks_do_not_depend_on_the_activations_option():
+def test_masks_do_not_depend_on_the_activations_option(eager_kernels):
     """activations=False (exact gradients) still rewrites ReLU; the GELU site is not listed, as before."""
     torch.manual_seed(0)
     model = Branches([nn.ReLU(), nn.GELU()])
