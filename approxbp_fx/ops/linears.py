@@ -68,6 +68,13 @@ def _linear_cast_setup(ctx, inputs, output) -> None:
 
 
 def _linear_cast_backward(ctx, grad: Tensor):
+    # Backward may run inside the autocast region (or be traced there by AOTAutograd): the casts are
+    # explicit, so autocast must not add its own (a traced one of the weight would be hoisted and kept).
+    with torch.autocast(grad.device.type, enabled=False):
+        return _linear_cast_grads(ctx, grad)
+
+
+def _linear_cast_grads(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     rows = grad.reshape(-1, grad.shape[-1]).to(ctx.x_dtype)

@@ -98,10 +98,13 @@ def test_finds_only_autocast_linears(autocast_graph: fx.GraphModule) -> None:
     assert len(skipped) == 1 and "l_extra_ is not a parameter" in skipped[0].skip
 
 
-def test_inner_that_recasts_skips(autocast_graph: fx.GraphModule, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(INNERS, "recasting", Inner("recasting", lambda gm, ex, mode: gm, recomputes_weight_casts=True))
-    found = linears.find(autocast_graph, Options(inner="recasting"))
-    assert found and all("already rebuilds the weight's cast" in c.skip for c in found)
+def test_inner_that_keeps_the_copies_skips(autocast_graph: fx.GraphModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(INNERS, "keeping", Inner("keeping", lambda gm, ex, mode: gm, keeps_weight_casts=True))
+    found = linears.find(autocast_graph, Options(inner="keeping"))
+    assert found and all("keeps the weight's bf16 copy" in c.skip for c in found)
+    # aot_eager is such an inner; eager and inductor rewrite
+    assert all(c.skip for c in linears.find(autocast_graph, Options(inner="aot_eager")))
+    assert not linears.find(autocast_graph, Options(inner="inductor"))[0].skip
 
 
 @pytest.fixture(scope="module")
