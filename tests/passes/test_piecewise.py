@@ -154,6 +154,19 @@ def test_skipped_where_the_consumer_keeps_the_output_anyway():
     assert sites["relu"].rewritten and sites["hardtanh(min=-2, max=3)"].rewritten
 
 
+def test_dropout_then_linear(eager_kernels):
+    """relu -> dropout -> linear: with the linear trained, the dropout rewrite (same option) makes it keep
+    dropout's input, ReLU's output, so ReLU's mask would add bytes; with it frozen nothing keeps it."""
+    torch.manual_seed(0)
+    trained = Branches([nn.ReLU()], head=nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 8)))
+    (relu,) = _masks(approxbp_fx.explain(trained, _inputs(), options={"inner": "eager"}))
+    assert not relu.rewritten and "dropout" in relu.reason
+    frozen = copy.deepcopy(trained)
+    frozen.head.requires_grad_(False)
+    (relu,) = _masks(approxbp_fx.explain(frozen, _inputs(), options={"inner": "eager"}))
+    assert relu.rewritten
+
+
 def test_skipped_where_a_consumer_is_unknown():
     """A consumer the pass does not know may keep the output: left alone, the consumer named."""
     torch.manual_seed(0)
