@@ -2,8 +2,9 @@
 
 from .activations import REGELU2, RESILU2, StepDerivative, regelu2, resilu2, step_activation
 from .norms import SharedNorm, linear_shared, ms_layer_norm, ms_rms_norm
+from .grouped import grouped_mm_shared
 
 __all__ = [
-    "REGELU2", "RESILU2", "SharedNorm", "StepDerivative", "linear_shared", "ms_layer_norm", "ms_rms_norm",
+    "REGELU2", "RESILU2", "SharedNorm", "StepDerivative", "grouped_mm_shared", "linear_shared", "ms_layer_norm", "ms_rms_norm",
     "regelu2", "resilu2", "step_activation",
 ]

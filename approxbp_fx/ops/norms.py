@@ -291,7 +291,7 @@ def rebuild_input(
     """The linear's input rows from the shared y_hat [rows, in]: the norm's affine, then the rows the
     linear read (``index``: an expert's gathered tokens), then the dropout mask applied to them."""
     if index is not None:
-        y_hat = y_hat.index_select(0, index)
+        y_hat = y_hat[index]  # advanced indexing, as the gather itself: negative indices count from the end
     z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype)
     if mask is not None:
         z = mask_multiply(z, mask, mask_scale)

@@ -67,6 +67,9 @@ class OpSpec:
     setup: Callable[[Any, tuple[Any, ...], Any], None]
     backward: Callable[..., tuple[Any, ...]]
     traced_non_differentiable: tuple[int, ...] = ()
+    #: False: the op has no traceable form and stays opaque under every inner (a body with a
+    #: data-dependent loop, such as a grouped matmul over per-expert row counts, cannot be traced)
+    traceable: bool = True
 
 
 # op overload -> traceable function taking the op's arguments and a region name last
@@ -84,6 +87,8 @@ def define_op(spec: OpSpec) -> Any:
                                  schema=spec.schema)
     op.register_fake(spec.fake)
     op.register_autograd(spec.backward, setup_context=spec.setup)
+    if not spec.traceable:
+        return op
 
     class Traced(torch.autograd.Function):
         @staticmethod

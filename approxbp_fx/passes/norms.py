@@ -15,20 +15,30 @@ parameters, eps and the dtypes the op needs; a form the op does not compute (eps
 reported and left alone.
 
 A norm is rewritten only when every consumer of its output is a linear layer (``linear``, nn.Linear,
-GPT-2's ``addmm``), possibly behind view/reshape, or an op that keeps nothing of it (add, dropout), and
-at least one of those linears would keep its own copy (its weight needs a gradient). Any other consumer
-might keep the output itself, so the site is left alone and the report names that consumer.
+GPT-2's ``addmm``) or a grouped matmul (a mixture-of-experts' experts), or an op that keeps nothing of it
+(add, ``zeros_like``), and at least one of those layers would keep its own copy (its weight needs a
+gradient). On the way a layer may read the output through views and no-op casts, a row gather and a
+training dropout, in that order (``_norm_consumers.py``):
+
+    before:  rows = z.view(-1, D)[idx]; e = grouped_mm(rows, W, offs)      keeps rows (a gathered copy)
+             a = linear(dropout(z, p), A)                                  keeps dropout's output and mask
+    after:   e = approxbp::grouped_mm_shared(rows, y_hat.view(-1, D), idx, W, offs, gamma, beta, ...)
+             d, mask = approxbp::dropout_packed(z, p)
+             a = approxbp::linear_shared(d, y_hat, A, None, gamma, beta, ..., index=None, mask, scale)
+                                                    keep y_hat (shared), idx and a 1-bit mask
+
+Backward rebuilds a layer's input as ``mask * scale * affine(y_hat)[idx]``. Any other consumer might keep
+the output itself (or a chain in another order), so the site is left alone and the report names it.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..options import Options
@@ -38,12 +48,13 @@ from ._graph import (
     is_call, module_path, target_module, tensor_bytes, value,
 )
 from ._norm_forms import identify, is_reduction
+from . import _norm_consumers as links
+from ..ops import grouped as _grouped  # noqa: F401  (defines approxbp::grouped_mm_shared)
+from ..ops.dropout import dropout_scale
 
 __all__ = ["FAMILY", "find"]
 
 FAMILY = "norms"
-
-_DROPOUT = (F.dropout, torch.dropout)
 
 
 # A parameter reference: a node, or (symbolic_trace graphs' call_module norms) the qualified name of a
@@ -70,11 +81,30 @@ class _Norm:
 
 @dataclass
 class _Consumer:
-    node: fx.Node  # the linear (or addmm) call
-    chain: list[fx.Node] = field(default_factory=list)  # view ops between z and the linear
+    """A layer that reads the norm's output z through a chain (``_norm_consumers``) and can share y_hat."""
+
+    node: fx.Node  # the linear, addmm or grouped-matmul call
+    input: fx.Node  # what it reads: z, or the last link of the chain
+    chain: list[fx.Node] = field(default_factory=list)  # views between z and the gather (or the layer): y_hat's too
     weight: Ref = None
     bias: Ref = None
     transposed: bool = False
+    index: fx.Node | None = None  # the layer reads rows z.view(-1, D)[index]
+    dropout: fx.Node | None = None  # a training dropout on the way, after the gather
+    p: float = 0.0
+    grouped: str = ""  # a grouped matmul: its impl name for approxbp::grouped_mm_shared; "" for a linear
+    offs: fx.Node | None = None  # a grouped matmul's per-expert offsets
+
+
+@dataclass
+class _Path:
+    """Where the walk from z stands: the node reached and the links passed."""
+
+    node: fx.Node
+    chain: list[fx.Node] = field(default_factory=list)
+    index: fx.Node | None = None
+    dropout: fx.Node | None = None
+    p: float = 0.0
 
 
 def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
@@ -145,30 +175,111 @@ def _find_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _No
     return _find_call_norm(gm, n) or _find_computed_norm(gm, n, order)
 
 
-def _consumers(gm: fx.GraphModule, z: fx.Node) -> tuple[list[_Consumer], str | None, int]:
-    """Linear consumers of z, the first consumer that blocks sharing (or None), and how many dropouts."""
-    linears: list[_Consumer] = []
+def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> tuple[list[_Consumer], str | None, int]:
+    """Layers that read z and can share y_hat, the first consumer that blocks sharing (or None), and how
+    many dropouts were not followed (``follow_dropout=False``).
+
+    Order of links on the way (``_norm_consumers``): views, no-op casts, a row gather, a training dropout,
+    then the layer; views and no-op casts may also follow the gather and the dropout. The backward
+    rebuilds the layer's input as ``mask * (affine(y_hat)[index])``, so a dropout before the gather or a
+    second gather or dropout is not followed."""
+    zv = value(z)
+    d = zv.shape[-1] if zv is not None and zv.dim() > 0 else None
+    consumers: list[_Consumer] = []
     dropouts = 0
-    todo: list[tuple[fx.Node, list[fx.Node]]] = [(z, [])]
+    todo = [_Path(z)]
     while todo:
-        cur, chain = todo.pop()
+        path = todo.pop()
+        cur = path.node
+        gathered_or_dropped = path.index is not None or path.dropout is not None
         for u in cur.users:
-            if (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_basic_index(u)) and u.args[0] is cur:
-                todo.append((u, chain + [u]))
-            elif is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
-                linears.append(_Consumer(u, chain, arg(u, 1, "weight"), arg(u, 2, "bias")))
-            elif u.op == "call_module" and isinstance(target_module(gm, u), nn.Linear) and u.args[0] is cur:
-                linears.append(_Consumer(u, chain, _attr(gm, u, "weight"), _attr(gm, u, "bias")))
-            elif is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
-                linears.append(_Consumer(u, chain, u.args[2], u.args[0], transposed=True))
-            elif is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output":
+            if is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output" or links.reads_metadata_only(u, cur):
                 continue  # keeps nothing
-            elif is_call(u, _DROPOUT) or (u.op == "call_module" and isinstance(target_module(gm, u), nn.Dropout)):
-                dropouts += 1  # keeps a mask, and what follows keeps dropout's output: a different tensor
-            else:
+            if links.is_noop_cast(u, cur):
+                todo.append(replace(path, node=u))  # cur itself: y_hat needs no cast
+                continue
+            if (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_basic_index(u)) and u.args[0] is cur:
+                if not gathered_or_dropped:
+                    todo.append(replace(path, node=u, chain=path.chain + [u]))
+                    continue
+                if links.is_shape_view(u, cur):
+                    todo.append(replace(path, node=u))  # the rows keep their order
+                    continue
+                return consumers, f"consumer {u.name} slices rows after a gather or dropout", dropouts
+            index = links.row_gather(u, cur, d)
+            if index is not None:
+                if isinstance(index, str):
+                    return consumers, index, dropouts
+                if path.dropout is not None:
+                    return consumers, (f"rows {u.name} are gathered after dropout {path.dropout.name}; backward "
+                                       "rebuilds a dropout of gathered rows only"), dropouts
+                if path.index is not None:
+                    return consumers, f"rows {u.name} are gathered from gathered rows {path.index.name}", dropouts
+                todo.append(replace(path, node=u, index=index))
+                continue
+            p = links.dropout_p(gm, u, cur)
+            if p is not None:
+                if isinstance(p, str):
+                    return consumers, p, dropouts
+                if p == 0.0:
+                    todo.append(replace(path, node=u))  # eval mode or p == 0: cur itself
+                elif not follow_dropout:
+                    dropouts += 1  # keeps a mask, and what follows keeps dropout's output: a different tensor
+                elif path.dropout is not None:
+                    return consumers, f"dropout {u.name} follows dropout {path.dropout.name}", dropouts
+                else:
+                    todo.append(replace(path, node=u, dropout=u, p=p))
+                continue
+            found = _layer(gm, u, cur, path)
+            if isinstance(found, str):
+                return consumers, found, dropouts
+            if found is None:
                 what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
-                return linears, f"consumer {u.name} ({what}) may keep its own copy of the output", dropouts
-    return linears, None, dropouts
+                return consumers, f"consumer {u.name} ({what}) may keep its own copy of the output", dropouts
+            cv = value(cur)
+            if cv is not None and d is not None and (cv.dim() == 0 or cv.shape[-1] != d):
+                return consumers, f"consumer {u.name} reads a view whose last dim is not the normalized one", dropouts
+            consumers.append(found)
+    return consumers, None, dropouts
+
+
+def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
+    """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
+    at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p}
+    if is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
+        return _Consumer(weight=arg(u, 1, "weight"), bias=arg(u, 2, "bias"), **at)
+    if u.op == "call_module" and isinstance(target_module(gm, u), nn.Linear) and u.args[0] is cur:
+        return _Consumer(weight=_attr(gm, u, "weight"), bias=_attr(gm, u, "bias"), **at)
+    if is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
+        return _Consumer(weight=u.args[2], bias=u.args[0], transposed=True, **at)
+    grouped = links.grouped_mm(u, cur)
+    if grouped is None or isinstance(grouped, str):
+        return grouped
+    impl, weight, offs = grouped
+    return _Consumer(weight=weight, grouped=impl, offs=offs, **at)
+
+
+def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
+    """``rms_norm (...) -> 1 x linear, 2 x grouped_mm (gathered)``: what the site found."""
+    parts = []
+    for kind in ("linear", "grouped_mm"):
+        of_kind = [c for c in consumers if (kind == "grouped_mm") == bool(c.grouped)]
+        if not of_kind and (kind == "grouped_mm" or consumers):
+            continue
+        notes = []
+        for note, n in (("gathered", sum(c.index is not None for c in of_kind)),
+                        ("through dropout", sum(c.dropout is not None for c in of_kind))):
+            if n:
+                notes.append(note if n == len(of_kind) else f"{n} {note}")
+        parts.append(f"{len(of_kind)} x {kind}" + (f" ({', '.join(notes)})" if notes else ""))
+    return f"{norm.pattern} -> {', '.join(parts)}"
+
+
+def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
+    """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
+    each distinct gathered or dropped-out tensor a layer with a trainable weight would keep."""
+    own = {c.input for c in consumers if (c.index is not None or c.dropout is not None) and _requires_grad(c.weight, gm)}
+    return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
 
 
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
@@ -181,13 +292,13 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
         if norm is None:
             continue
         claimed.update(norm.nodes)
-        linears, blocker, dropouts = _consumers(gm, norm.z)
+        consumers, blocker, dropouts = _consumers(gm, norm.z, getattr(options, "masks", True))
         xv = value(norm.x)
         if norm.skip:
             reason = norm.skip
         elif blocker is not None:
             reason = blocker
-        elif not any(_requires_grad(c.weight, gm) for c in linears):
+        elif not any(_requires_grad(c.weight, gm) for c in consumers):
             reason = ("nothing to share: no linear with a trainable weight reads the output"
                       + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
         elif xv is not None and not xv.is_floating_point():
@@ -197,14 +308,15 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
         else:
             reason = ""
         candidates.append(Candidate(
-            FAMILY, norm.z.name, module_path(n), f"{norm.pattern} -> {len(linears)} x linear",
-            bytes_saved=tensor_bytes(norm.z), skip=reason,
-            apply=lambda edit, norm=norm, linears=linears: _apply(edit, norm, linears),
-            replaces=(norm.z, *(c.node for c in linears))))
+            FAMILY, norm.z.name, module_path(n), _pattern(norm, consumers),
+            bytes_saved=_bytes_saved(gm, norm, consumers), skip=reason,
+            apply=lambda edit, norm=norm, consumers=consumers: _apply(edit, norm, consumers),
+            # every node the site rewrites: z, the layers, and the dropouts that become dropout_packed
+            replaces=(norm.z, *(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout))))
     return candidates
 
 
-def _apply(edit: GraphEdit, norm: _Norm, linears: list[_Consumer]) -> None:
+def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
     xv = value(norm.x)
     x_dtype = xv.dtype if xv is not None else None
     y_dtype = norm.y_dtype or x_dtype
@@ -219,14 +331,41 @@ def _apply(edit: GraphEdit, norm: _Norm, linears: list[_Consumer]) -> None:
         z = edit.call(operator.getitem, (triple, 0))
         y_hat = edit.call(operator.getitem, (triple, 1))
     edit.replace(norm.z, z)
-    for c in linears:
+    masks: dict[fx.Node, fx.Node] = {}  # dropout -> its packed mask, one per dropout whatever reads it
+    for c in consumers:
+        mask, scale = None, 1.0
+        if c.dropout is not None:
+            if c.dropout not in masks:
+                masks[c.dropout] = _pack_dropout(edit, c.dropout, c.p)
+            mask, scale = masks[c.dropout], _dropout_scale(c.dropout, c.p)
         with edit.inserting_before(c.node):
-            shared = y_hat
-            for view in c.chain:  # the same views the linear's input went through
+            shared = y_hat  # not gathered: a gathered copy would be a new tensor to keep
+            for view in c.chain:  # the same views z went through before the gather (or the layer)
                 shared = edit.copy(view, lambda a, v=view, s=shared: s if a is edit.node(v.args[0]) else a)
-            linear = edit.node(c.node)  # its input now reads the new z (or a view of it)
-            linear_input = linear.args[1] if c.transposed else (linear.args[0] if linear.args else linear.kwargs["input"])
-            new = edit.call(torch.ops.approxbp.linear_shared.default, (
-                linear_input, shared, _node(edit, c.weight), _node(edit, c.bias), weight, bias, norm.offset,
-                c.transposed, None, None, 1.0))
+            if c.grouped:
+                new = edit.call(torch.ops.approxbp.grouped_mm_shared.default, (
+                    c.input, shared, c.index, c.weight, c.offs, weight, bias, norm.offset, mask, scale, c.grouped))
+            else:
+                new = edit.call(torch.ops.approxbp.linear_shared.default, (
+                    c.input, shared, _node(edit, c.weight), _node(edit, c.bias), weight, bias, norm.offset,
+                    c.transposed, c.index, mask, scale))
         edit.replace(c.node, new)
+
+
+def _dropout_input(d: fx.Node) -> fx.Node:
+    return d.args[0] if d.args else d.kwargs["input"]
+
+
+def _dropout_scale(d: fx.Node, p: float) -> float:
+    v = value(_dropout_input(d))
+    return dropout_scale(p, v.dtype if v is not None else torch.float32)
+
+
+def _pack_dropout(edit: GraphEdit, d: fx.Node, p: float) -> fx.Node:
+    """d becomes approxbp::dropout_packed (the same draws, a 1-bit mask); returns the mask node."""
+    with edit.inserting_before(d):
+        pair = edit.call(torch.ops.approxbp.dropout_packed.default, (_dropout_input(d), p))
+        out = edit.call(operator.getitem, (pair, 0))
+        mask = edit.call(operator.getitem, (pair, 1))
+    edit.replace(d, out)
+    return mask

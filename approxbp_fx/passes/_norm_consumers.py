@@ -1,0 +1,156 @@
+"""What may stand between a norm's output and the layers that share it: the links of a consumer chain.
+
+    z -> [views, no-op casts] -> [row gather z2d[index]] -> [views, casts] -> [dropout] -> [views, casts]
+      -> linear (F.linear, nn.Linear, GPT-2's addmm) or grouped matmul (a mixture-of-experts' experts)
+
+``norms._consumers`` walks the chain with these predicates; each answers for one node ``u`` reading
+``cur``: None when ``u`` is not that kind of link, a value when it is one the rewrite can follow, and a
+string (the reason) when it is that kind of link but cannot be shared exactly.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ._graph import arg, is_call, target_module, value
+
+__all__ = ["reads_metadata_only", "is_noop_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+
+_CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
+# views that keep the order of elements (no slicing): after a gather or a dropout, rows keep their order
+_SHAPE_VIEW_METHODS = ("view", "reshape", "contiguous", "flatten", "unflatten")
+_SHAPE_VIEW_FUNCTIONS = (torch.reshape, torch.flatten)
+_INDEX_SELECT = (torch.index_select,)
+# F.dropout(input, p=0.5, training=True, inplace=False) and torch.dropout(input, p, train): the targets
+# Dynamo writes for nn.Dropout, F.dropout and PEFT's lora_dropout
+_DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
+
+
+# read only cur's shape, dtype and device (``torch.zeros_like(hidden)`` for an experts' output buffer)
+_METADATA_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full", "size", "dim", "numel")
+_METADATA_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)
+
+
+def reads_metadata_only(u: fx.Node, cur: fx.Node) -> bool:
+    """u uses cur's shape, dtype or device, never its values: it keeps nothing of cur."""
+    return is_call(u, _METADATA_FUNCTIONS, _METADATA_METHODS) and bool(u.args) and u.args[0] is cur and not any(
+        a is cur for a in (*u.args[1:], *u.kwargs.values()))
+
+
+def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:
+    """``cur.to(dtype)``/``cur.float()``/... that returns a tensor of cur's dtype, shape and device: cur itself."""
+    if not (is_call(u, methods=_CAST_METHODS) and u.args and u.args[0] is cur):
+        return False
+    if any(k in u.kwargs for k in ("memory_format", "copy")):
+        return False
+    a, b = value(cur), value(u)
+    return a is not None and b is not None and (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
+
+
+def is_shape_view(u: fx.Node, cur: fx.Node) -> bool:
+    """A reshape of cur that keeps its elements' order (no slicing or permuting)."""
+    return is_call(u, _SHAPE_VIEW_FUNCTIONS, _SHAPE_VIEW_METHODS) and bool(u.args) and u.args[0] is cur
+
+
+def row_gather(u: fx.Node, cur: fx.Node, d: int | None) -> fx.Node | str | None:
+    """The index of ``cur[index]`` / ``index_select(cur, 0, index)`` when cur is 2-D [rows, d] and index a 1-D
+    integer tensor: rows of the norm's output, as a mixture-of-experts block hands them to an expert."""
+    index: Any = None
+    if is_call(u, (operator.getitem,)) and len(u.args) == 2 and u.args[0] is cur:
+        index = u.args[1]
+        if isinstance(index, tuple) and len(index) == 2 and index[1] == slice(None):
+            index = index[0]  # cur[index, :]
+        elif isinstance(index, tuple) and len(index) == 1:
+            index = index[0]
+        if not isinstance(index, fx.Node):
+            return None  # basic indexing (a view) or an index the caller rejects
+    elif is_call(u, _INDEX_SELECT, ("index_select",)) and arg(u, 0, "input") is cur:
+        if arg(u, 1, "dim") not in (0, -2):
+            return f"{u.name} selects along dim {arg(u, 1, 'dim')}, not rows"
+        index = arg(u, 2, "index")
+        if not isinstance(index, fx.Node):
+            return None
+    else:
+        return None
+    cv, iv = value(cur), value(index)
+    if cv is None or iv is None or d is None:
+        return f"{u.name}: no shape information for the gather"
+    if cv.dim() != 2 or cv.shape[-1] != d:
+        return f"{u.name} indexes a tensor of shape {tuple(cv.shape)}, not rows [n, {d}] of the output"
+    if iv.dim() != 1 or iv.dtype not in (torch.int32, torch.int64):
+        return f"{u.name} indexes with a {iv.dtype} tensor of shape {tuple(iv.shape)}, not 1-D integer row indices"
+    return index
+
+
+def dropout_p(gm: fx.GraphModule, u: fx.Node, cur: fx.Node) -> float | str | None:
+    """p of a training-mode dropout of cur with 0 < p < 1; 0.0 for a dropout that returns cur itself (eval
+    mode, p == 0); a reason for one the rewrite cannot reproduce."""
+    mod = target_module(gm, u)
+    if isinstance(mod, nn.Dropout) and u.args and u.args[0] is cur:
+        p, training, inplace = mod.p, mod.training, mod.inplace
+    elif is_call(u, _DROPOUT_FUNCTIONS) and arg(u, 0, "input") is cur:
+        if u.target is torch.dropout:
+            p, training, inplace = arg(u, 1, "p"), arg(u, 2, "train"), False
+        else:
+            p, training, inplace = arg(u, 1, "p", 0.5), arg(u, 2, "training", True), arg(u, 3, "inplace", False)
+    else:
+        return None
+    if not isinstance(p, (int, float)) or not isinstance(training, bool):
+        return f"dropout {u.name} has a p or training flag known only at run time"
+    if not training or p == 0:
+        return 0.0
+    if inplace:
+        return f"dropout {u.name} is in place"
+    if not 0 < p < 1:
+        return f"dropout {u.name} has p = {p}"
+    return float(p)
+
+
+def _grouped_targets() -> dict[Any, str]:
+    """Call target -> ``approxbp::grouped_mm_shared``'s impl name, for the grouped matmuls torch (and
+    transformers, if it registered its fallback op) provide."""
+    targets: dict[Any, str] = {}
+    if hasattr(torch, "_grouped_mm"):
+        targets[torch._grouped_mm] = "aten"
+        targets[torch.ops.aten._grouped_mm.default] = "aten"
+    if hasattr(F, "grouped_mm"):
+        targets[F.grouped_mm] = "functional"
+    namespace = getattr(torch.ops, "transformers", None)
+    packet = getattr(namespace, "grouped_mm_fallback", None) if namespace is not None else None
+    if packet is not None:
+        targets[packet] = targets[packet.default] = "transformers"
+    return targets
+
+
+#: the names a grouped matmul's (input, weight) arguments go by: transformers' op, torch._grouped_mm, F.grouped_mm
+GROUPED_MM_KEYWORDS = (("input", "weight"), ("self", "mat2"), ("mat_a", "mat_b"))
+
+
+def grouped_mm(u: fx.Node, cur: fx.Node) -> tuple[str, fx.Node, fx.Node] | str | None:
+    """(impl, weight, offs) of a grouped matmul reading cur as its [S, D] input with a [E, D, N] weight."""
+    if u.op != "call_function":
+        return None
+    try:
+        impl = _grouped_targets().get(u.target)
+    except TypeError:  # an unhashable target
+        return None
+    if impl is None:
+        return None
+    names = next((k for k in GROUPED_MM_KEYWORDS if k[0] in u.kwargs or k[1] in u.kwargs), GROUPED_MM_KEYWORDS[0])
+    x, weight, offs = arg(u, 0, names[0]), arg(u, 1, names[1]), arg(u, 2, "offs")
+    if x is not cur:
+        return f"{u.name} reads the output as its weight"
+    if any(arg(u, i, k) is not None for i, k in ((3, "bias"), (4, "out_dtype"))):
+        return f"{u.name} has a bias or an output dtype"
+    if not isinstance(weight, fx.Node) or not isinstance(offs, fx.Node):
+        return f"{u.name} has no per-expert offsets"
+    xv, wv = value(cur), value(weight)
+    if xv is None or wv is None or xv.dim() != 2 or wv.dim() != 3:
+        return f"{u.name} is not a [S, D] x [E, D, N] grouped matmul"
+    return impl, weight, offs
