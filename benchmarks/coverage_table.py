@@ -15,6 +15,8 @@ which mode (all rewrites; exact mode, ``activations=False``; norms off, ``norms=
     python benchmarks/coverage_table.py --families                 # sweep of transformers families (families.py)
     python benchmarks/coverage_table.py --families --write-readme  # and README.md's families summary
     python benchmarks/coverage_table.py --families --only t5 whisper --family-budget 120
+    python benchmarks/coverage_table.py --families --resume benchmarks/results/families.json  # what the budget left
+    python benchmarks/coverage_table.py --families --from-json benchmarks/results/families.json --write-readme
 
 Every configuration compiles a model once (inductor: ~20 s each on 2 CPU cores); the full run takes
 about 10 minutes there.
@@ -36,7 +38,6 @@ README = ROOT / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 COMMAND = "python benchmarks/coverage_table.py --write-readme"
 FAMILIES_START, FAMILIES_END = "<!-- families:start -->", "<!-- families:end -->"
-FAMILIES_COMMAND = "python benchmarks/coverage_table.py --families --write-readme"
 RESULTS = ROOT / "benchmarks" / "results"
 
 # A compile cache per version of the package sources: torch's caches key a graph by its ops, not by the
@@ -125,14 +126,14 @@ def write_readme(text: str) -> None:
     README.write_text(readme)
 
 
-def families_section(results: list, seconds: float) -> str:
+def families_section(results: list, seconds: float, command: str) -> str:
     """README's families summary: the summary line and the table, between the families markers."""
     import families
 
     return (f"{FAMILIES_START}\n**Model families.** Every family below is built from its transformers config at a "
             "tiny size and trained one step under `torch.compile(backend=\"approxbp\", options={\"inner\": "
             "\"eager\"})` (details, skip reasons and norm exceptions: benchmarks/results/families.md).\n\n"
-            f"{families.markdown(results, seconds, FAMILIES_COMMAND).split(chr(10) + 'Families not measured')[0]}"
+            f"{families.markdown(results, seconds, command).split(chr(10) + 'Families not measured')[0]}"
             f"\n{FAMILIES_END}")
 
 
@@ -159,6 +160,17 @@ def families_main(args: argparse.Namespace) -> None:
 
     if args.from_json:  # the tables again from a saved sweep, without measuring
         results, seconds, command = families.from_json(json.loads(pathlib.Path(args.from_json).read_text()))
+    elif args.resume:  # measure what a saved sweep left for lack of time, keep the rest
+        results, before, command = families.from_json(json.loads(pathlib.Path(args.resume).read_text()))
+        todo = [families.BY_NAME.get(r.family) or families.guess_family(r.family) for r in results
+                if r.status == "budget" or r.family in (args.only or ())]
+        start = time.perf_counter()
+        done = {r.family: r for r in families.sweep(todo, args.family_budget, args.total_budget,
+                                                    dynamo_check=args.dynamo_check,
+                                                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))}
+        results = [done.get(r.family, r) for r in results]
+        seconds = before + time.perf_counter() - start
+        command += " then `python " + " ".join(["benchmarks/coverage_table.py", *sys.argv[1:]]) + "`"
     else:
         chosen = families.select(args.only, args.kinds)
         start = time.perf_counter()
@@ -166,17 +178,17 @@ def families_main(args: argparse.Namespace) -> None:
                                  dynamo_check=args.dynamo_check,
                                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         seconds = time.perf_counter() - start
-        command = "python " + " ".join(["benchmarks/coverage_table.py", *sys.argv[1:]])
+        command = "`python " + " ".join(["benchmarks/coverage_table.py", *sys.argv[1:]]) + "`"
     text = families.markdown(results, seconds, command)
     print(text)
-    if not args.only and not args.kinds:  # the committed results are those of the full sweep
+    if args.resume or not args.only and not args.kinds:  # the committed results are those of the full sweep
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "families.md").write_text("# Model families under the approxbp backend\n\n" + text + "\n")
         if not args.from_json:
             (RESULTS / "families.json").write_text(json.dumps(families.to_json(results, seconds, command), indent=1)
                                                    + "\n")
         if args.write_readme:
-            write_families_readme(families_section(results, seconds))
+            write_families_readme(families_section(results, seconds, command))
     elif args.write_readme:
         raise SystemExit("--families --write-readme writes the full sweep only: drop --only/--kinds")
 
@@ -190,9 +202,12 @@ def main() -> None:
                         help="--families: these kinds only")
     parser.add_argument("--family-budget", type=float, default=60.0, help="--families: seconds per family")
     parser.add_argument("--total-budget", type=float, default=1800.0, help="--families: seconds in all")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="--families: sweep again the families a saved families.json skipped for the total budget "
+                             "(and those --only names), keep the others")
     parser.add_argument("--from-json", metavar="PATH",
                         help="--families: rewrite the tables (and README) from a saved families.json, no sweep")
-    parser.add_argument("--dynamo-check", choices=["on-crash", "always", "never"], default="on-crash",
+    parser.add_argument("--dynamo-check", choices=["on-problem", "always", "never"], default="on-problem",
                         help="--families: when to train under plain torch.compile(backend='eager') too")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="fp32 rows of these models only")
     parser.add_argument("--inners", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor"])
