@@ -131,3 +131,16 @@ def test_family_budget_is_enforced():
 def test_unknown_model_type_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model type"):
         families.select(["not-a-model-type"])
+
+
+def test_captured_report_is_what_explain_prints(results):
+    # the sweep reads the backend's own report from its log record instead of tracing again with explain
+    import approxbp_fx
+
+    model, inputs = families.build(families.BY_NAME["vit"])
+    torch._dynamo.reset()
+    report = approxbp_fx.explain(model, **inputs, options={"inner": "eager"})
+    torch._dynamo.reset()
+    r = results["vit"]
+    assert (len(report.sites), len(report.rewritten)) == (r.sites, r.rewritten)
+    assert r.sites > 0
