@@ -81,19 +81,23 @@ LORA_QV = {"vit": ["q_proj", "v_proj"], "roberta": ["query", "value"], "gpt2": [
 
 def build_model(g: Geometry, tuning: str, seed: int = 0) -> nn.Module:
     """A randomly initialised HF model of geometry ``g`` in train mode, dropout 0; LoRA (r 8) through peft
-    for ``tuning`` in {"lora-qv", "lora-all"}; every norm's affine randomized (a folding bug cannot hide)."""
+    for ``tuning`` in {"lora-qv", "lora-all"}; every norm's affine randomized (a folding bug cannot hide).
+    A ``+dropout`` suffix (``full+dropout``, ``lora-all+dropout``) sets HF's default dropout 0.1: hidden and
+    attention dropout (RoBERTa, ViT), and ``lora_dropout``."""
     import transformers as tf
 
+    dropout = 0.1 if tuning.endswith("+dropout") else 0.0
+    tuning = tuning.removesuffix("+dropout")
     torch.manual_seed(seed)
     if g.family == "vit":
         cfg = tf.ViTConfig(hidden_size=g.hidden, num_hidden_layers=g.layers, num_attention_heads=g.heads,
                            intermediate_size=g.mlp, image_size=g.image, patch_size=g.patch, num_labels=10,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         model = tf.ViTForImageClassification(cfg)
     elif g.family == "roberta":
         cfg = tf.RobertaConfig(vocab_size=g.vocab, hidden_size=g.hidden, num_hidden_layers=g.layers,
                                num_attention_heads=g.heads, intermediate_size=g.mlp, max_position_embeddings=g.tokens + 2,
-                               num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                               num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         model = tf.RobertaForSequenceClassification(cfg)
     elif g.family == "gpt2":
         cfg = tf.GPT2Config(vocab_size=g.vocab, n_positions=g.tokens, n_embd=g.hidden, n_layer=g.layers, n_head=g.heads,
@@ -120,7 +124,7 @@ def build_model(g: Geometry, tuning: str, seed: int = 0) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = LORA_QV[g.family] if tuning == "lora-qv" else "all-linear"
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets))
 
 
 def make_inputs(g: Geometry, device: str, seed: int = 0) -> dict[str, Tensor]:

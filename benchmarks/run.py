@@ -8,7 +8,8 @@ gradient checkpointing. Writes BENCHMARKS.md and benchmarks/results/*.png.
     python benchmarks/run.py --quick --only 'vit-b16/full' # rows whose name matches a regex
 
 Rows are named ``geometry/tuning/precision`` (tuning: full, lora-qv, lora-all; precision: fp32 or bf16
-autocast). Per row, each configuration is measured for:
+autocast; a ``+dropout`` tuning sets dropout 0.1 where the others have none). Per row, each configuration is
+measured for:
 
 * bytes saved for backward by one forward (``approxbp_fx.saved_tensors``: unique storages, parameters
   excluded), also split by kind of tensor (judged from shape and dtype);
@@ -93,6 +94,9 @@ def plan(preset: str, device: str) -> tuple[dict[str, Any], list[Row], dict[str,
             Row("vit-b16", "full", "bf16", PAIRS),
             Row("gpt2-small", "full", "fp32", EAGER_PAIR),
             Row("roberta-base", "full", "fp32", EAGER_PAIR),
+            # dropout 0.1 (HF's default, PEFT's lora_dropout): the dropout family's masks and linears
+            Row("llama", "lora-all+dropout", "fp32", PAIRS),
+            Row("roberta-base", "full+dropout", "fp32", EAGER_PAIR),
         ]
         if device == "cuda":  # full-size geometries on a GPU: fewer compiled configurations
             rows = [Row("vit-b16", "full", "fp32", ALL), Row("vit-b16", "full", "bf16", PAIRS),

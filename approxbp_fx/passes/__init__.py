@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import activations, linears, norms
+from . import activations, dropout, linears, norms
 from ._edit import Candidate, GraphEdit
 
-__all__ = ["FAMILIES", "Candidate", "GraphEdit", "activations", "linears", "norms"]
+__all__ = ["FAMILIES", "Candidate", "GraphEdit", "activations", "dropout", "linears", "norms"]
 
-# norms first: an activation after a shared linear then reads the rewritten linear's output
+# norms first: an activation after a shared linear then reads the rewritten linear's output, and a
+# dropout between a norm and its linears belongs to the norm's site (the dropout family takes the rest)
 # linears last: a linear another family rewrote (linear_shared casts inside already) is not rewritten again
-FAMILIES: list[ModuleType] = [norms, activations, linears]
+FAMILIES: list[ModuleType] = [norms, dropout, activations, linears]

@@ -281,12 +281,14 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             apply=lambda edit, s=s, linears=linears: _apply(edit, s, linears),
             replaces=(s.d, *(c.node for c in linears))))
         if s.linears and not linears and not reason:
-            # the dropout is packed; say why its linears keep their own copy of d
-            # (its own id: the linear's name is the id another family's site at that linear may have)
+            # the dropout is packed; say why its linears keep their own copy of d. Its own id: a linear's
+            # name is the id another family's site at that linear may have; naming the linears in replaces
+            # leaves it out of the report where an earlier family's site rewrote them
             candidates.append(Candidate(
                 FAMILY, f"{s.d.name}->linears", module_path(s.linears[0].node),
                 f"dropout -> {len(s.linears)} x linear (keeps input)",
-                skip=s.linear_skip or s.blocker or "left to the dropout's own site"))
+                skip=s.linear_skip or s.blocker or "left to the dropout's own site",
+                replaces=tuple(c.node for c in s.linears)))
     return candidates
 
 
