@@ -65,6 +65,9 @@ def is_mutable_op(target: Any) -> bool:
 
 
 # --- kernels -----------------------------------------------------------------------------------------
+#: torch's grouped matmul (one matrix per group of rows, mixture-of-experts experts): private, and the
+#: target Dynamo writes for it and for its public wrapper ``F.grouped_mm``; None where torch lacks it.
+grouped_mm = getattr(torch, "_grouped_mm", None)
 _fused_rms = getattr(torch.ops.aten, "_fused_rms_norm", None)
 #: aten's fused RMSNorm forward that also returns rstd (torch >= 2.9).
 HAS_FUSED_RMS_NORM = _fused_rms is not None

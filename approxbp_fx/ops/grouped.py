@@ -11,7 +11,7 @@
 ``W`` is ``[E, D, N]`` (one matrix per expert) and ``offs`` the cumulative row counts per expert (int32,
 ``[E]``): rows ``offs[e-1]:offs[e]`` go through expert e, rows past ``offs[-1]`` are not computed.
 The forward calls the op the model called (``impl``: transformers' ``grouped_mm_fallback``,
-``torch._grouped_mm`` or ``F.grouped_mm``), so its values are the model's bit for bit. The backward is
+torch's private ``_grouped_mm`` or ``F.grouped_mm``), so its values are the model's bit for bit. The backward is
 the grouped matmul's: per expert, ``grad_rows = grad @ W_e^T`` and ``grad_W_e = rows^T @ grad`` with the
 rows rebuilt from y_hat (the norm's affine, the gather's index and, if a dropout sat between, its 1-bit
 mask: ``norms.rebuild_input``).
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._compat import grouped_mm
 from .dropout import mask_bytes
 from .norms import rebuild_input
 from .spec import OpSpec, define_op
@@ -41,7 +42,7 @@ def _transformers_fallback(rows: Tensor, weight: Tensor, offs: Tensor) -> Tensor
 
 
 def _aten(rows: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    return torch._grouped_mm(rows, weight, offs=offs)
+    return grouped_mm(rows, weight, offs=offs)
 
 
 def _functional(rows: Tensor, weight: Tensor, offs: Tensor) -> Tensor:

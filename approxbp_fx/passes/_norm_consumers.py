@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import grouped_mm as grouped_mm_private
 from ._graph import arg, is_call, target_module, value
 
 __all__ = ["reads_metadata_only", "is_noop_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
@@ -116,8 +117,8 @@ def _grouped_targets() -> dict[Any, str]:
     """Call target -> ``approxbp::grouped_mm_shared``'s impl name, for the grouped matmuls torch (and
     transformers, if it registered its fallback op) provide."""
     targets: dict[Any, str] = {}
-    if hasattr(torch, "_grouped_mm"):
-        targets[torch._grouped_mm] = "aten"
+    if grouped_mm_private is not None:
+        targets[grouped_mm_private] = "aten"
         targets[torch.ops.aten._grouped_mm.default] = "aten"
     if hasattr(F, "grouped_mm"):
         targets[F.grouped_mm] = "functional"
@@ -128,7 +129,7 @@ def _grouped_targets() -> dict[Any, str]:
     return targets
 
 
-#: the names a grouped matmul's (input, weight) arguments go by: transformers' op, torch._grouped_mm, F.grouped_mm
+#: the names a grouped matmul's (input, weight) arguments go by: transformers' op, torch's private grouped mm, F.grouped_mm
 GROUPED_MM_KEYWORDS = (("input", "weight"), ("self", "mat2"), ("mat_a", "mat_b"))
 
 
