@@ -204,7 +204,8 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("quick_gelu", _quick_gelu),
     Activation("mish", _mish, "mish", F.mish, (F.mish, torch._C._nn.mish), (nn.Mish,), "inplace"),
     # exact: Dynamo writes F.relu for nn.ReLU, F.hardtanh(x, 0.0, 6.0, False) for nn.ReLU6 (so relu6 is
-    # tried before hardtanh: the same spellings, told apart by value)
+    # tried before hardtanh: the same spellings, told apart by value), and torch._C._nn.leaky_relu /
+    # torch._C._nn.hardtanh where it inlines the functional forms
     Activation("relu", lambda x: torch.where(x > 0, x, 0.0), forward=torch.relu, functions=(F.relu, torch.relu),
                modules=(nn.ReLU,), inplace="inplace", methods=("relu",), mask=_relu_passes, params=lambda f: (),
                keeps="output", rule="dy where y > 0, else 0"),
