@@ -289,12 +289,15 @@ def rebuild_input(
     index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
 ) -> Tensor:
     """The linear's input rows from the shared y_hat [rows, in]: the norm's affine, then the rows the
-    linear read (``index``: an expert's gathered tokens), then the dropout mask applied to them."""
+    linear read (``index``: an expert's gathered tokens), then the dropout mask applied to them, or
+    without a mask a constant the output was multiplied by (``mask_scale``: T5's ``z * d_model**-0.5``)."""
     if index is not None:
         y_hat = y_hat[index]  # advanced indexing, as the gather itself: negative indices count from the end
     z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype)
     if mask is not None:
         z = mask_multiply(z, mask, mask_scale)
+    elif mask_scale != 1.0:
+        z = z * mask_scale  # the same op as the model's: one rounding, in z's dtype
     return z
 
 
@@ -394,7 +397,8 @@ def linear_shared(
     z may also be rows of the norm's output, and/or that output after dropout: ``index`` (1-D, int64)
     says which rows of ``y_hat.reshape(-1, in)`` z holds (``z = out[index]``, as a mixture-of-experts
     block feeds an expert), ``mask``/``mask_scale`` the dropout applied to them last (the 1-bit mask of
-    ``approxbp_fx.ops.dropout.dropout_packed`` and the value kept elements were scaled by).
+    ``approxbp_fx.ops.dropout.dropout_packed`` and the value kept elements were scaled by). Without a
+    mask, ``mask_scale`` is a constant the norm's output was multiplied by before the linear.
     """
     rows = y_hat.reshape(-1, y_hat.shape[-1])
     expected = (rows.shape[0] if index is None else index.numel(), y_hat.shape[-1])

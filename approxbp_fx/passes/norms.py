@@ -92,6 +92,7 @@ class _Consumer:
     index: fx.Node | None = None  # the layer reads rows z.view(-1, D)[index]
     dropout: fx.Node | None = None  # a training dropout on the way, after the gather
     p: float = 0.0
+    factor: float = 1.0  # z * factor (a Python number), before any dropout
     grouped: str = ""  # a grouped matmul: its impl name for approxbp::grouped_mm_shared; "" for a linear
     offs: fx.Node | None = None  # a grouped matmul's per-expert offsets
 
@@ -105,6 +106,7 @@ class _Path:
     index: fx.Node | None = None
     dropout: fx.Node | None = None
     p: float = 0.0
+    factor: float = 1.0  # a constant the output was multiplied by (T5 before its tied LM head)
 
 
 def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
@@ -217,6 +219,12 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
                     return consumers, f"rows {u.name} are gathered from gathered rows {path.index.name}", dropouts
                 todo.append(replace(path, node=u, index=index))
                 continue
+            factor = _constant_factor(u, cur)
+            if factor is not None:
+                if path.dropout is not None or path.factor != 1.0:
+                    return consumers, f"consumer {u.name} scales the output after a dropout or another scale", dropouts
+                todo.append(replace(path, node=u, factor=factor))
+                continue
             p = links.dropout_p(gm, u, cur)
             if p is not None:
                 if isinstance(p, str):
@@ -227,6 +235,8 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
                     dropouts += 1  # keeps a mask, and what follows keeps dropout's output: a different tensor
                 elif path.dropout is not None:
                     return consumers, f"dropout {u.name} follows dropout {path.dropout.name}", dropouts
+                elif path.factor != 1.0:
+                    return consumers, f"dropout {u.name} follows a constant scale of the output", dropouts
                 else:
                     todo.append(replace(path, node=u, dropout=u, p=p))
                 continue
@@ -243,9 +253,20 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
     return consumers, None, dropouts
 
 
+def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
+    """c for ``cur * c`` / ``c * cur`` with a Python number c (not a tensor: that would be kept), else None."""
+    if not is_call(u, (operator.mul, torch.mul), ("mul", "__mul__")) or len(u.args) != 2 or u.kwargs:
+        return None
+    other = u.args[1] if u.args[0] is cur else (u.args[0] if u.args[1] is cur else None)
+    if isinstance(other, bool) or not isinstance(other, (int, float)):
+        return None
+    return float(other)
+
+
 def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
-    at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p}
+    at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
+          "factor": path.factor}
     if is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
         return _Consumer(weight=arg(u, 1, "weight"), bias=arg(u, 2, "bias"), **at)
     if u.op == "call_module" and isinstance(target_module(gm, u), nn.Linear) and u.args[0] is cur:
@@ -333,7 +354,7 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
     edit.replace(norm.z, z)
     masks: dict[fx.Node, fx.Node] = {}  # dropout -> its packed mask, one per dropout whatever reads it
     for c in consumers:
-        mask, scale = None, 1.0
+        mask, scale = None, c.factor
         if c.dropout is not None:
             if c.dropout not in masks:
                 masks[c.dropout] = _pack_dropout(edit, c.dropout, c.p)

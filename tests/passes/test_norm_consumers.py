@@ -225,6 +225,37 @@ def test_dropout_before_gather_is_left_alone():
     assert_grads_close(grads2, grads, 1e-5)
 
 
+class ScaledNormLinear(nn.Module):
+    """T5 before its tied LM head: ``head(norm(x) * d**-0.5)``; ``then_dropout`` adds a dropout after the scale."""
+
+    def __init__(self, then_dropout: bool) -> None:
+        super().__init__()
+        self.then_dropout = then_dropout
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x) * D**-0.5
+        return self.head(F.dropout(h, 0.2, True) if self.then_dropout else h)
+
+
+@pytest.mark.parametrize("then_dropout", [False, True])
+def test_constant_scale_before_the_linear(then_dropout):
+    """The head's input is rebuilt as affine(y_hat) * c: same forward, same gradients as plain autograd; a
+    dropout after the scale is not rebuilt (one scale per link), so that site is left alone with a reason."""
+    torch.manual_seed(0)
+    model = _randomize(ScaledNormLinear(then_dropout))
+    (out, grads, saved), (out2, grads2, saved2), sites = _compare(model, _input())
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    assert_grads_close(grads2, grads, 1e-5)
+    site = _norm_site(sites, "norm")
+    if then_dropout:
+        assert not site.rewritten and "follows a constant scale" in site.reason, site
+    else:
+        assert site.rewritten, site.reason
+        assert saved2 < saved  # the head no longer keeps the scaled output
+
+
 def test_grouped_op_stays_opaque_under_inductor():
     """Its per-expert loop depends on offsets' values: no traceable form, so lowering leaves the call alone."""
     assert torch.ops.approxbp.grouped_mm_shared.default not in traceable_forms()
