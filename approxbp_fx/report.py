@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch.fx as fx
 
-__all__ = ["Site", "Report"]
+__all__ = ["Site", "Report", "collect_reports"]
 
 
 @dataclass
@@ -75,3 +78,35 @@ class Report:
             f"estimated bytes saved per forward: {self.bytes_saved:,}"
         )
         return "\n".join(lines)
+
+
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reports: list[Report] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        report = getattr(record, "approxbp_report", None)
+        if isinstance(report, Report):
+            self.reports.append(report)
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[list[Report]]:
+    """The ``Report`` of every graph the backend rewrites inside the block, in compile order (read from
+    the INFO records it logs to the ``approxbp_fx`` logger; the logger's level is restored after)::
+
+        with approxbp_fx.collect_reports() as reports:
+            loss = compiled(batch).sum(); loss.backward()
+        print(sum(len(r.sites) for r in reports))
+    """
+    logger = logging.getLogger("approxbp_fx")
+    handler, level = _Collector(), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler.reports
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

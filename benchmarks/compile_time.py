@@ -33,7 +33,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import logging
 import os
 import pathlib
 import platform
@@ -159,32 +158,6 @@ class Run:
         return self.find_s + self.apply_s + self.verify_s
 
 
-class _Reports(logging.Handler):
-    """Collects the ``approxbp_fx.Report`` of every graph the backend logs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.reports: list[approxbp_fx.Report] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        report = getattr(record, "approxbp_report", None)
-        if isinstance(report, approxbp_fx.Report):
-            self.reports.append(report)
-
-
-@contextlib.contextmanager
-def _reports() -> Iterator[list[approxbp_fx.Report]]:
-    logger = logging.getLogger("approxbp_fx")
-    handler, level = _Reports(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler.reports
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 @contextlib.contextmanager
 def _forced_mismatch() -> Iterator[list[str]]:
     """One norm site (the middle one of the first graph) computes a wrong forward: after its own apply,
@@ -233,7 +206,7 @@ def measure(name: str, layers: int, config: str, inner: str = "inductor") -> Run
     else:
         compiled = torch.compile(model, backend="approxbp", options={"inner": inner})
     forced = _forced_mismatch() if config == "approxbp-mismatch" else contextlib.nullcontext([])
-    with _reports() as reports, forced as chosen, warnings.catch_warnings(record=True) as caught:
+    with approxbp_fx.collect_reports() as reports, forced as chosen, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
         _loss(compiled(**inputs)).backward()

@@ -28,7 +28,6 @@ and JSON (benchmarks/results/families.{md,json}) and, with ``--write-readme``, R
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -428,37 +427,21 @@ def norms_feeding_linears(model: nn.Module, inputs: dict[str, Tensor]) -> dict[s
     return feeds
 
 
-class _ReportCapture(logging.Handler):
-    """Collects the reports the backend logs (``extra={"approxbp_report": ...}``) for each graph it rewrites."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.reports: list[Any] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        report = getattr(record, "approxbp_report", None)
-        if report is not None:
-            self.reports.append(report)
-
-
 @contextlib.contextmanager
 def captured_reports():
-    """The approxbp reports of every graph compiled inside the block (the backend logs each at INFO)."""
-    from approxbp_fx.report import Report
+    """One Report merging the reports of every graph compiled inside the block; the backend's INFO records
+    do not reach the root logger's handlers meanwhile."""
+    from approxbp_fx import Report, collect_reports
 
     logger = logging.getLogger("approxbp_fx")
-    handler, level, propagate = _ReportCapture(), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the INFO records are for us, not for the root logger's handlers
+    propagate, logger.propagate = logger.propagate, False
     merged = Report()
     try:
-        yield merged
+        with collect_reports() as reports:
+            yield merged
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         logger.propagate = propagate
-        for r in handler.reports:
+        for r in reports:
             merged.extend(r)
 
 

@@ -7,7 +7,6 @@ backend logs while it compiles the same model with the same options.
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -30,25 +29,13 @@ def _decisions(sites) -> set[tuple[str, str, str, bool, str]]:
 
 def _backend_sites(model, inputs, inner: str) -> list:
     """The sites the backend itself logs while compiling ``model`` (forward and backward run)."""
-    reports = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if hasattr(record, "approxbp_report"):
-                reports.append(record.approxbp_report)
-
-    logger = logging.getLogger("approxbp_fx")
-    handler, level = Keep(level=logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     try:
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="approxbp", options={"inner": inner})
-        out = compiled(**inputs)
-        out.logits.float().sum().backward()
+        with approxbp_fx.collect_reports() as reports:
+            compiled = torch.compile(model, backend="approxbp", options={"inner": inner})
+            out = compiled(**inputs)
+            out.logits.float().sum().backward()
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         torch._dynamo.reset()
     return [s for r in reports for s in r.sites]
 

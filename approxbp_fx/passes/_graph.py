@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .._compat import dynamo_module_path, is_mutable_op
 
 __all__ = ["arg", "value", "module_path", "target_module", "is_call", "remove_dead", "has_side_effects", "tensor_bytes",
+           "topological",
            "VIEW_METHODS"]
 
 
@@ -115,3 +116,22 @@ def remove_dead(graph: fx.Graph, roots: Iterable[fx.Node]) -> int:
         erased.add(n)
         work += inputs
     return len(erased)
+
+
+def topological(nodes: set[fx.Node]) -> list[fx.Node]:
+    """``nodes`` (a small subgraph: an activation's cone, a norm's nodes) with every node after its inputs,
+    in the same order on every run; cheaper than scanning the whole graph for their positions."""
+    out: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node) -> None:
+        if n in seen or n not in nodes:
+            return
+        seen.add(n)
+        for a in n.all_input_nodes:
+            visit(a)
+        out.append(n)
+
+    for n in sorted(nodes, key=lambda n: n.name):  # any fixed order; visit() puts inputs first
+        visit(n)
+    return out

@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._graph import arg, value
+from ._graph import arg, topological, value
 
 __all__ = ["ComputedNorm", "identify", "is_reduction"]
 
@@ -232,24 +232,7 @@ def _subgraph(gm: fx.GraphModule, z: fx.Node, x: fx.Node, r: fx.Node, d: int
         return None
     if any(u not in nodes for n in nodes if n is not z for u in n.users):
         return None
-    return _topological(nodes), params
-
-
-def _topological(nodes: set[fx.Node]) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-
-    def visit(n: fx.Node) -> None:
-        if n in seen or n not in nodes:
-            return
-        seen.add(n)
-        for a in n.all_input_nodes:
-            visit(a)
-        out.append(n)
-
-    for n in sorted(nodes, key=lambda n: n.name):  # any fixed order; visit() puts inputs first
-        visit(n)
-    return out
+    return topological(nodes), params
 
 
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:

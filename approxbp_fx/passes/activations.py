@@ -37,7 +37,7 @@ from ..inners import get_inner
 from ..ops.activations import ACTIVATIONS, Activation, StepDerivative, exact_in, step_for
 from ..options import Options
 from ._edit import Candidate, GraphEdit
-from ._graph import LINEAR_FUNCTIONS, module_path, target_module, value
+from ._graph import LINEAR_FUNCTIONS, module_path, target_module, topological, value
 
 __all__ = ["FAMILY", "OPTIONS", "MASKS", "find"]
 
@@ -118,27 +118,7 @@ def _cone(gm: fx.GraphModule, y: fx.Node) -> tuple[fx.Node, list[fx.Node]] | Non
     # inner nodes must not be used outside the cone: those values are needed as they are
     if any(u not in nodes for n in nodes if n is not y for u in n.users):
         return None
-    # graph order; a cone is a handful of nodes, so sort them rather than scan the graph
-    order = {n: i for i, n in enumerate(_ancestors_in_order(nodes))}
-    return root, sorted(nodes, key=order.__getitem__)
-
-
-def _ancestors_in_order(nodes: set[fx.Node]) -> list[fx.Node]:
-    """``nodes`` in an order where every node comes after its inputs (a topological order of the cone)."""
-    out: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-
-    def visit(n: fx.Node) -> None:
-        if n in seen or n not in nodes:
-            return
-        seen.add(n)
-        for a in n.all_input_nodes:
-            visit(a)
-        out.append(n)
-
-    for n in nodes:
-        visit(n)
-    return out
+    return root, topological(nodes)
 
 
 def _evaluate(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], probe: torch.Tensor) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from typing import Iterator
 
 import pytest
@@ -50,24 +49,11 @@ def _run(model: nn.Module, fn, *args: torch.Tensor):
 
 @contextlib.contextmanager
 def _sites() -> Iterator[list]:
-    """The sites of every graph the backend compiles inside the block (from its INFO report)."""
+    """The sites of every graph the backend compiles inside the block."""
     sites: list = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            report = getattr(record, "approxbp_report", None)
-            if report is not None:
-                sites.extend(report.sites)
-
-    logger = logging.getLogger("approxbp_fx")
-    handler, level = Keep(level=logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with approxbp_fx.collect_reports() as reports:
         yield sites
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    sites.extend(s for r in reports for s in r.sites)
 
 
 def _compare(model: nn.Module, x: torch.Tensor, options: dict | None = None):
