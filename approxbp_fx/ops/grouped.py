@@ -136,8 +136,9 @@ def grouped_mm_shared(
     """``grouped_mm(rows, weight, offs)`` that keeps the norm's ``y_hat`` for backward instead of ``rows``.
 
     ``rows`` [S, D] must be ``z.reshape(-1, D)[index]`` (all rows of z when ``index`` is None), then the
-    dropout of ``mask``/``mask_scale`` if given, where z is ``y_hat`` through ``norm_weight``/``norm_bias``/
-    ``norm_weight_offset`` (as ``linear_shared`` takes them). ``weight`` is [E, D, N], ``offs`` [E] the
+    dropout of ``mask``/``mask_scale`` if given (without a mask, ``mask_scale`` is a constant the rows were
+    multiplied by), where z is ``y_hat`` through ``norm_weight``/``norm_bias``/``norm_weight_offset`` (as
+    ``linear_shared`` takes them). ``weight`` is [E, D, N], ``offs`` [E] the
     cumulative row counts (int32). ``impl`` names the grouped matmul the forward calls
     (``GROUPED_MM_IMPLS``)."""
     if impl not in GROUPED_MM_IMPLS:

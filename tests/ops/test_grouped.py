@@ -68,7 +68,7 @@ def test_matches_autograd_float64(rms, dropout, trailing):
         if dropout:
             rows, mask = dropout_packed(rows, p)
         return grouped_mm_shared(rows, n.y_hat, weight, offs, index, gamma, beta, mask=mask,
-                                 mask_scale=dropout_scale(p, x.dtype), impl="transformers")
+                                 mask_scale=dropout_scale(p, x.dtype) if dropout else 1.0, impl="transformers")
 
     grad = torch.randn(index.numel(), N, dtype=torch.float64)
     expected, actual = reference(), ours()

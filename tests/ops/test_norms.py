@@ -315,8 +315,9 @@ def test_linear_on_gathered_rows_matches_autograd(rms, dropout):
         torch.manual_seed(5)
         if dropout:
             rows, mask = dropout_packed(rows, p)
+        # without a mask, mask_scale is a constant the rows were multiplied by: 1 here
         return linear_shared(rows, n.y_hat, weight, bias, gamma, beta, index=index, mask=mask,
-                             mask_scale=dropout_scale(p, x.dtype))
+                             mask_scale=dropout_scale(p, x.dtype) if dropout else 1.0)
 
     grad = torch.randn(index.numel(), OUT, dtype=torch.float64)
     expected, actual = reference(), ours()
