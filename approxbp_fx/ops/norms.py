@@ -330,7 +330,7 @@ def _linear_backward_autograd(ctx, grad: Tensor):
         index, mask, ctx.mask_scale,
     )
     if grad_z is not None:
-        grad_z = grad_z.view(*grad.shape[:-1], -1).to(ctx.z_dtype)
+        grad_z = grad_z.view(*grad.shape[:-1], y_hat.shape[-1]).to(ctx.z_dtype)  # z: rows of y_hat
     if grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None:
