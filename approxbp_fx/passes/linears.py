@@ -90,6 +90,7 @@ def _describe(ref: object) -> str:
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every linear that runs under autocast (module docstring), with the reason it is left alone where it is."""
     inner = get_inner(options.inner)
+    checkpointed = _checkpointed_regions(gm)
     candidates: list[Candidate] = []
     for n in gm.graph.nodes:
         lin = _match(gm, n)
@@ -101,7 +102,13 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
         b = None if lin.bias is None else _tensor(gm, lin.bias)
         # the copy is kept for x's gradient: without one (x constant, nothing before it trains) none is kept
         needs_x_grad = xv is None or xv.requires_grad
-        if inner.keeps_weight_casts:
+        if checkpointed:
+            # measured (LoRA ViT, HF gradient checkpointing, bf16 autocast, eager inner): with a linear of this
+            # graph rewritten, the regions' recompute no longer matched their forward (torch's checkpoint raised
+            # "aten._to_copy.default invocation index ... not found in storage" in backward)
+            reason = (f"the graph holds {checkpointed} activation-checkpointed region(s), whose recompute must run "
+                      "the same casts as their forward")
+        elif inner.keeps_weight_casts:
             reason = (f"under the {options.inner} inner the compiler keeps the weight's {_short(out.dtype)} copy "
                       "whatever the op keeps (its partitioner moves the backward's cast into the forward)")
         elif not _is_kept_by_model(gm, lin.weight):
@@ -122,6 +129,12 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             apply=lambda edit, lin=lin, dtype=out.dtype: _apply(edit, lin, dtype),
             replaces=(n,)))
     return candidates
+
+
+def _checkpointed_regions(gm: fx.GraphModule) -> int:
+    """How many activation-checkpointed regions (Dynamo's ``tag_activation_checkpoint`` calls) gm holds."""
+    return sum(1 for n in gm.graph.nodes
+               if n.op == "call_function" and "tag_activation_checkpoint" in str(getattr(n.target, "__name__", n.target)))
 
 
 def _node(edit: GraphEdit, ref: object) -> object:
