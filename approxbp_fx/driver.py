@@ -41,7 +41,23 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
     node_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, node_map)
     graph.output(out)
-    return fx.GraphModule(gm, graph), node_map
+    copied = fx.GraphModule(gm, graph)
+    _keep_dynamo_metadata(gm, copied, node_map)
+    return copied, node_map
+
+
+def _keep_dynamo_metadata(gm: fx.GraphModule, copied: fx.GraphModule, node_map: dict[fx.Node, fx.Node]) -> None:
+    """Carry over what Dynamo attached to the graph module and its placeholders. AOTAutograd reads it to
+    tell the parameters among the inputs ("static" inputs): without it every parameter counts as an
+    activation, and the min-cut partitioner prefers keeping a parameter's half-precision cast (half
+    the bytes of the parameter, which it then believes it must otherwise keep) to keeping the parameter
+    the model holds anyway (measured under aot_eager: a weight copy per norm-shared linear)."""
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = gm._param_name_to_source
+    for old, new in node_map.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
 
 
 def produces_gradients(gm: fx.GraphModule) -> bool:

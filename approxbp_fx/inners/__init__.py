@@ -26,10 +26,6 @@ class Inner:
 
     ``recomputes_glu_gate``: the compiler already keeps only a GLU gate's input and recomputes the
     activation (which the other factor's gradient needs), so a 2-bit code at a gate saves nothing there.
-    ``keeps_weight_casts``: under autocast it keeps a linear's half-precision copy of its weight for
-    backward whatever the linear's op keeps (aot_eager: its default partitioner moves the op's backward
-    cast of the parameter, which needs no gradient, into the forward and keeps the copy), so keeping the
-    parameter instead saves nothing.
     ``traceable_ops``: it traces through the ops (it receives their traceable, tagged forms, and its
     partitioner reads the tags) instead of calling them as opaque custom ops."""
 
@@ -37,7 +33,6 @@ class Inner:
     compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]
     recomputes_glu_gate: bool = False
     traceable_ops: bool = False
-    keeps_weight_casts: bool = False
     description: str = ""
 
 
@@ -70,7 +65,7 @@ register_inner(Inner(
     description="torch.compile's default: ops traced and fused, the saved set kept by a steering partitioner",
 ))
 register_inner(Inner(
-    "aot_eager", lambda gm, example_inputs, mode: _compat.aot_eager(gm, example_inputs), keeps_weight_casts=True,
+    "aot_eager", lambda gm, example_inputs, mode: _compat.aot_eager(gm, example_inputs),
     description="AOTAutograd without code generation (opaque ops)",
 ))
 register_inner(Inner(

@@ -15,11 +15,11 @@ weight a half output. The rewrite computes exactly what autocast's linear comput
 to the output dtype, the linear with autocast off), so forward and gradients are bit for bit unchanged.
 
 A site is left alone when its weight is not a parameter or buffer (keeping a computed weight instead of
-its half copy would keep more bytes, not fewer), or under an inner compiler that keeps the copy whatever
-the op keeps (``Inner.keeps_weight_casts``: aot_eager's default partitioner moves the backward's cast of
-the parameter into the forward and keeps it; measured on the tiny LoRA ViT, 0.926 of aot_eager's bytes
-with the rewrite against 0.923 without). Under inductor the steering partitioner rebuilds the cast as
-the op's tags ask: it keeps as many copies as plain torch.compile without the rewrite. Linears that the norm family rewrote (they already
+its half copy would keep more bytes, not fewer), and in graphs holding activation-checkpointed regions
+(their recompute must run the same casts as their forward). Under aot_eager and inductor the min-cut
+partitioner keeps the parameter rather than its copy because it knows the parameter is kept anyway (the
+backend hands it Dynamo's record of which inputs are parameters); under inductor the op's tags ask for
+the cast to be rebuilt as well. Linears that the norm family rewrote (they already
 cast inside ``linear_shared``) are not rewritten again: each candidate names its linear in ``replaces``.
 """
 
@@ -29,7 +29,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..inners import get_inner
 from ..ops import linears as _ops  # noqa: F401  (registers approxbp::linear_cast)
 from ..options import Options
 from ._edit import Candidate, GraphEdit
@@ -89,7 +88,6 @@ def _describe(ref: object) -> str:
 
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every linear that runs under autocast (module docstring), with the reason it is left alone where it is."""
-    inner = get_inner(options.inner)
     checkpointed = _checkpointed_regions(gm)
     candidates: list[Candidate] = []
     for n in gm.graph.nodes:
@@ -108,9 +106,6 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             # "aten._to_copy.default invocation index ... not found in storage" in backward)
             reason = (f"the graph holds {checkpointed} activation-checkpointed region(s), whose recompute must run "
                       "the same casts as their forward")
-        elif inner.keeps_weight_casts:
-            reason = (f"under the {options.inner} inner the compiler keeps the weight's {_short(out.dtype)} copy "
-                      "whatever the op keeps (its partitioner moves the backward's cast into the forward)")
         elif not _is_kept_by_model(gm, lin.weight):
             reason = (f"weight {_describe(lin.weight)} is not a parameter or buffer: keeping it instead of its "
                       f"{_short(out.dtype)} copy would keep more bytes")

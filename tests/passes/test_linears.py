@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import approxbp_fx
-from approxbp_fx.inners import INNERS, Inner
 from approxbp_fx.options import Options
 from approxbp_fx.passes import linears
 
@@ -85,6 +84,14 @@ def _train(model: nn.Module, fn, inputs) -> tuple[torch.Tensor, dict[str, torch.
     return out.detach(), grads, saved
 
 
+def _assert_close(grads: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every gradient within bf16 rounding of plain autocast's (relative L2)."""
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        err = (grads[name].float() - expected[name].float()).norm() / expected[name].float().norm()
+        assert err <= BF16_EXACT_GRAD_TOL, f"{name}: relative L2 {err:.2e}"
+
+
 def test_finds_only_autocast_linears(autocast_graph: fx.GraphModule) -> None:
     assert linears.find(_graph(False), Options()) == []
     found = {c.path: c for c in linears.find(autocast_graph, Options(inner="eager"))}
@@ -98,13 +105,21 @@ def test_finds_only_autocast_linears(autocast_graph: fx.GraphModule) -> None:
     assert len(skipped) == 1 and "l_extra_ is not a parameter" in skipped[0].skip
 
 
-def test_inner_that_keeps_the_copies_skips(autocast_graph: fx.GraphModule, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(INNERS, "keeping", Inner("keeping", lambda gm, ex, mode: gm, keeps_weight_casts=True))
-    found = linears.find(autocast_graph, Options(inner="keeping"))
-    assert found and all("keeps the weight's bf16 copy" in c.skip for c in found)
-    # aot_eager is such an inner; eager and inductor rewrite
-    assert all(c.skip for c in linears.find(autocast_graph, Options(inner="aot_eager")))
-    assert not linears.find(autocast_graph, Options(inner="inductor"))[0].skip
+def test_aot_eager_keeps_the_parameter() -> None:
+    """Under aot_eager the min-cut partitioner may keep either a weight or its bf16 cast for backward. It
+    keeps the parameter (which the model holds anyway) only when it knows which inputs are parameters: the
+    backend must hand Dynamo's record of them on with the rewritten graph (without it, the norm-shared
+    linear's weight copy was kept). Only the copy of the weight that is no parameter is left."""
+    base, inputs = Net(), _inputs()
+    model, plain = copy.deepcopy(base), copy.deepcopy(base)
+    torch._dynamo.reset()
+    fn = approxbp_fx.compile(model, inner="aot_eager", activations=False)
+    _, grads, saved = _train(model, fn, inputs)
+    torch._dynamo.reset()
+    _, expected, plain_saved = _train(plain, plain, inputs)
+    assert len(_weight_copies(plain_saved, plain)) == 6
+    assert len(_weight_copies(saved, model)) == 1
+    _assert_close(grads, expected)
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +156,7 @@ def test_weight_copies_gone(net_runs) -> None:
     model, _, grads, saved = net_runs["exact"]
     # the only copy left is that of the weight that is no parameter (a graph input)
     assert len(_weight_copies(saved, model)) == 1
-    expected = net_runs["eager"][2]
-    for name in expected:
-        err = (grads[name].float() - expected[name].float()).norm() / expected[name].float().norm()
-        assert err <= BF16_EXACT_GRAD_TOL, f"{name}: relative L2 {err:.2e}"
+    _assert_close(grads, net_runs["eager"][2])
 
 
 def test_linear_after_norm_stays_the_norms(net_runs) -> None:
