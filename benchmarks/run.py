@@ -102,7 +102,7 @@ def plan(preset: str, device: str) -> tuple[dict[str, Any], list[Row], dict[str,
             rows = [Row("vit-b16", "full", "fp32", ALL), Row("vit-b16", "full", "bf16", PAIRS),
                     Row("vit-b16", "lora-qv", "bf16", CKPT), Row("llama", "lora-all", "bf16", PAIRS)]
             return M.FULL_CUDA, rows, {"warmup": 3, "rounds": 10, "time_limit": 540}
-        return M.QUICK, rows, {"warmup": 2, "rounds": 5, "time_limit": 540}
+        return M.QUICK, rows, {"warmup": 2, "rounds": 9, "time_limit": 540}
     rows = []
     for geometry in M.FULL:
         rows += [Row(geometry, "full", "fp32", ALL), Row(geometry, "full", "bf16", ALL),
@@ -312,7 +312,8 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def write_report(args, preset, geometries, results, skipped, elapsed, out: pathlib.Path, res_dir: pathlib.Path) -> int:
+def write_report(args, preset, geometries, settings, results, skipped, elapsed, out: pathlib.Path,
+                 res_dir: pathlib.Path) -> int:
     import _measure as M
 
     failures = 0
@@ -340,11 +341,12 @@ def write_report(args, preset, geometries, results, skipped, elapsed, out: pathl
              "(`VmHWM` after resetting it through `/proc/self/clear_refs`, `MALLOC_MMAP_THRESHOLD_=65536`; "
              "the whole process: interpreter, libraries, weights, optimizer state; *step peak above resting* "
              "subtracts the RSS before the step)")
-          + "; *step time* is the median over rounds that interleave the row's configurations in one process "
-          "after warm-up, and *vs. baseline* divides by eager (eager configurations) or torch.compile (compiled "
+          + f"; *step time* is the median of {settings['rounds']} rounds that interleave the row's configurations "
+          "in one process after warm-up, and *vs. baseline* divides by eager (eager configurations) or torch.compile (compiled "
           "ones). *Ideal* is the baseline's bytes minus the backend's per-site estimate of the bytes each "
           "rewritten site removes (`approxbp_fx.explain(...).bytes_saved`). Models are "
-          "randomly initialised HF models built from configs, dropout 0; LoRA is peft's, r 8; bf16 is autocast.",
+          "randomly initialised HF models built from configs, dropout 0 (0.1 in the rows named +dropout: HF's "
+          "hidden and attention dropout, PEFT's lora_dropout); LoRA is peft's, r 8; bf16 is autocast.",
           ""]
     if skipped:
         md += [f"Rows not run (time limit of the preset): {', '.join(skipped)}.", ""]
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"step {_f(c.get('step_s') and c['step_s'] * 1000, '{:8.1f}')} ms" + (f"  FAILED: {err}" if err else ""),
                   flush=True)
     elapsed = time.perf_counter() - start
-    failures = write_report(args, preset, geometries, results, skipped, elapsed, out_dir / "BENCHMARKS.md", res_dir)
+    failures = write_report(args, preset, geometries, settings, results, skipped, elapsed, out_dir / "BENCHMARKS.md", res_dir)
     log.close()
     print(f"wrote {out_dir / 'BENCHMARKS.md'} and {res_dir} in {elapsed:.0f}s; {failures} failure(s)")
     return 1 if failures else 0
