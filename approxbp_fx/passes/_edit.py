@@ -83,6 +83,11 @@ class GraphEdit:
         n.meta[SITE_KEY] = self.site
         return n
 
+    def ref(self, ref: Any) -> Any:
+        """The copy's node for a parameter reference: a get_attr made now for an attribute name (a
+        call_module layer's parameter on symbolic_trace graphs), else ``node(ref)``."""
+        return self.attr(ref) if isinstance(ref, str) else self.node(ref)
+
     def copy(self, original: fx.Node, arg_transform: Callable[[fx.Node], Any]) -> fx.Node:
         n = self.graph.node_copy(self.node(original), arg_transform)
         n.meta[SITE_KEY] = self.site

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -14,8 +14,12 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .._compat import dynamo_module_path, is_mutable_op
 
 __all__ = ["arg", "value", "module_path", "target_module", "is_call", "remove_dead", "has_side_effects", "tensor_bytes",
-           "topological",
-           "VIEW_METHODS"]
+           "topological", "Ref", "attribute", "ref_tensor", "requires_grad", "LinearCall", "linear_call",
+           "dropout_call", "VIEW_METHODS"]
+
+# A parameter reference: a node, or (symbolic_trace graphs' call_module layers) the qualified name of a
+# module attribute, which becomes a get_attr node only when a site is applied.
+Ref = Union[fx.Node, str, None]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -56,6 +60,34 @@ def module_path(node: fx.Node) -> str:
     return dynamo_module_path(node) or node.name
 
 
+def attribute(gm: fx.GraphModule, qualname: str) -> object:
+    """``gm.a.b.c`` for ``"a.b.c"``; None where a part is missing."""
+    obj: object = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def ref_tensor(gm: fx.GraphModule, ref: Ref) -> torch.Tensor | None:
+    """The tensor a reference stands for: the module attribute a name or get_attr node names, or a node's
+    example value."""
+    if isinstance(ref, str) or (isinstance(ref, fx.Node) and ref.op == "get_attr"):
+        t = attribute(gm, ref if isinstance(ref, str) else str(ref.target))
+        return t if isinstance(t, torch.Tensor) else None
+    return value(ref)
+
+
+def requires_grad(gm: fx.GraphModule, ref: Ref) -> bool:
+    """Whether a reference's tensor needs a gradient: False for None and attributes that are no trainable
+    tensor, True for a node whose example value is unknown (assume it does)."""
+    if ref is None or not isinstance(ref, (str, fx.Node)):
+        return False
+    t = ref_tensor(gm, ref)
+    if t is None:
+        return isinstance(ref, fx.Node) and ref.op != "get_attr"
+    return bool(t.requires_grad)
+
+
 def is_call(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = ()) -> bool:
     if not isinstance(node, fx.Node):
         return False
@@ -85,6 +117,41 @@ ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
 LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
 LAYER_NORM_FUNCTIONS = (F.layer_norm, torch.layer_norm)
 RMS_NORM_FUNCTIONS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f)
+
+
+class LinearCall(NamedTuple):
+    """A linear layer's operands: nodes, or attribute names of a call_module's nn.Linear (symbolic_trace)."""
+
+    input: Any
+    weight: Ref
+    bias: Ref
+    transposed: bool  # GPT-2's Conv1D, addmm(bias, x, W): W is [in, out]
+
+
+def linear_call(gm: fx.GraphModule, n: fx.Node) -> LinearCall | None:
+    """n as a linear layer (``F.linear``, an ``nn.Linear`` module, GPT-2's ``addmm``), else None."""
+    if is_call(n, LINEAR_FUNCTIONS):
+        return LinearCall(arg(n, 0, "input"), arg(n, 1, "weight"), arg(n, 2, "bias"), False)
+    if is_call(n, (torch.addmm,)) and len(n.args) == 3 and not n.kwargs:
+        return LinearCall(n.args[1], n.args[2], n.args[0], True)
+    mod = target_module(gm, n)
+    if isinstance(mod, nn.Linear) and len(n.args) == 1 and not n.kwargs:
+        return LinearCall(n.args[0], f"{n.target}.weight", None if mod.bias is None else f"{n.target}.bias", False)
+    return None
+
+
+def dropout_call(gm: fx.GraphModule, n: fx.Node) -> tuple[Any, Any, Any, Any] | None:
+    """(input, p, training, inplace) of a dropout, else None: ``F.dropout`` and ``torch.dropout`` (the targets
+    Dynamo writes for nn.Dropout, F.dropout and PEFT's lora_dropout) and ``nn.Dropout`` modules (not their
+    subclasses, which may draw differently)."""
+    if is_call(n, (F.dropout,)):
+        return arg(n, 0, "input"), arg(n, 1, "p", 0.5), arg(n, 2, "training", True), arg(n, 3, "inplace", False)
+    if is_call(n, (torch.dropout,)):
+        return arg(n, 0, "input"), arg(n, 1, "p"), arg(n, 2, "train"), False
+    mod = target_module(gm, n)
+    if type(mod) is nn.Dropout:
+        return n.args[0] if n.args else n.kwargs.get("input"), mod.p, mod.training, mod.inplace
+    return None
 
 
 def has_side_effects(node: fx.Node) -> bool:

@@ -16,21 +16,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from .._compat import grouped_mm as grouped_mm_private
-from ._graph import arg, is_call, target_module, value
+from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_call, value
 
 __all__ = ["reads_metadata_only", "is_noop_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
-# views that keep the order of elements (no slicing): after a gather or a dropout, rows keep their order
-_SHAPE_VIEW_METHODS = ("view", "reshape", "contiguous", "flatten", "unflatten")
-_SHAPE_VIEW_FUNCTIONS = (torch.reshape, torch.flatten)
 _INDEX_SELECT = (torch.index_select,)
-# F.dropout(input, p=0.5, training=True, inplace=False) and torch.dropout(input, p, train): the targets
-# Dynamo writes for nn.Dropout, F.dropout and PEFT's lora_dropout
-_DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
 
 
 # read only cur's shape, dtype and device (``torch.zeros_like(hidden)`` for an experts' output buffer)
@@ -56,7 +49,7 @@ def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:
 
 def is_shape_view(u: fx.Node, cur: fx.Node) -> bool:
     """A reshape of cur that keeps its elements' order (no slicing or permuting)."""
-    return is_call(u, _SHAPE_VIEW_FUNCTIONS, _SHAPE_VIEW_METHODS) and bool(u.args) and u.args[0] is cur
+    return is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) and bool(u.args) and u.args[0] is cur
 
 
 def row_gather(u: fx.Node, cur: fx.Node, d: int | None) -> fx.Node | str | None:
@@ -92,16 +85,10 @@ def row_gather(u: fx.Node, cur: fx.Node, d: int | None) -> fx.Node | str | None:
 def dropout_p(gm: fx.GraphModule, u: fx.Node, cur: fx.Node) -> float | str | None:
     """p of a training-mode dropout of cur with 0 < p < 1; 0.0 for a dropout that returns cur itself (eval
     mode, p == 0); a reason for one the rewrite cannot reproduce."""
-    mod = target_module(gm, u)
-    if isinstance(mod, nn.Dropout) and u.args and u.args[0] is cur:
-        p, training, inplace = mod.p, mod.training, mod.inplace
-    elif is_call(u, _DROPOUT_FUNCTIONS) and arg(u, 0, "input") is cur:
-        if u.target is torch.dropout:
-            p, training, inplace = arg(u, 1, "p"), arg(u, 2, "train"), False
-        else:
-            p, training, inplace = arg(u, 1, "p", 0.5), arg(u, 2, "training", True), arg(u, 3, "inplace", False)
-    else:
+    call = dropout_call(gm, u)
+    if call is None or call[0] is not cur:
         return None
+    _, p, training, inplace = call
     if not isinstance(p, (int, float)) or not isinstance(training, bool):
         return f"dropout {u.name} has a p or training flag known only at run time"
     if not training or p == 0:

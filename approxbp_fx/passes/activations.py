@@ -37,7 +37,7 @@ from ..inners import get_inner
 from ..ops.activations import ACTIVATIONS, Activation, StepDerivative, exact_in, step_for
 from ..options import Options
 from ._edit import Candidate, GraphEdit
-from ._graph import LINEAR_FUNCTIONS, module_path, target_module, topological, value
+from ._graph import LINEAR_FUNCTIONS, module_path, requires_grad, target_module, topological, value
 
 __all__ = ["FAMILY", "OPTIONS", "MASKS", "find"]
 
@@ -308,23 +308,6 @@ def _exact_site(gm: fx.GraphModule, y: fx.Node) -> tuple[Activation, fx.Node, tu
     return None
 
 
-def _requires_grad(gm: fx.GraphModule, node: object) -> bool:
-    """Whether a node's tensor needs a gradient (True when unknown); constants do not."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "get_attr":
-        return bool(getattr(_attr(gm, str(node.target)), "requires_grad", True))
-    v = value(node)
-    return True if v is None else bool(v.requires_grad)
-
-
-def _attr(gm: fx.GraphModule, qualname: str) -> object:
-    obj: object = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _is_view(gm: fx.GraphModule, n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _VIEW_FUNCTIONS) or (
         n.op == "call_method" and n.target in _VIEW_METHODS)
@@ -375,20 +358,20 @@ def _keeps(gm: fx.GraphModule, u: fx.Node, t: fx.Node) -> str | None:
     if is_fn and fn in LINEAR_FUNCTIONS:
         weight = u.args[1] if len(u.args) > 1 else u.kwargs.get("weight")
         if u.args and u.args[0] is t and weight is not t:
-            return _TRAINED_LINEAR if _requires_grad(gm, weight) else None
+            return _TRAINED_LINEAR if requires_grad(gm, weight) else None
         return "a linear"
     if (is_fn and fn in _MATMUL_FUNCTIONS) or (is_method and fn in _MATMUL_METHODS):
         others = other(u.args)
-        if len(others) == 1 and not _requires_grad(gm, others[0]):
+        if len(others) == 1 and not requires_grad(gm, others[0]):
             return None
         return "a matmul whose other operand needs a gradient"
     if (is_fn and fn in _MUL_FUNCTIONS) or (is_method and fn in _MUL_METHODS):
         others = other(u.args)
-        if len(others) == 1 and not _requires_grad(gm, others[0]):
+        if len(others) == 1 and not requires_grad(gm, others[0]):
             return None
         return "a multiply by a tensor that needs a gradient"
     if (is_fn and fn in _DIV_FUNCTIONS) or (is_method and fn in _DIV_METHODS):
-        if u.args and u.args[0] is t and u.args[1] is not t and not _requires_grad(gm, u.args[1]):
+        if u.args and u.args[0] is t and u.args[1] is not t and not requires_grad(gm, u.args[1]):
             return None
         return "a division"
     return "?"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 import torch.fx as fx
@@ -39,7 +38,8 @@ from ..ops.dropout import dropout_scale, mask_bytes
 from ..options import Options
 from ._edit import Candidate, GraphEdit
 from ._graph import (
-    ADD_FUNCTIONS, LINEAR_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg, is_call, module_path, target_module, value,
+    ADD_FUNCTIONS, LINEAR_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, Ref, arg, dropout_call, is_call, linear_call,
+    module_path, requires_grad, target_module, value,
 )
 
 __all__ = ["FAMILY", "OPTIONS", "find"]
@@ -48,15 +48,8 @@ FAMILY = "dropout"
 #: the option that switches the family on: exact 1-bit masks
 OPTIONS = ("masks",)
 
-# F.dropout(input, p=0.5, training=True, inplace=False) and torch.dropout(input, p, train): the targets
-# Dynamo writes for nn.Dropout, F.dropout and PEFT's lora_dropout
-_DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
 # devices whose dropout keeps a bool mask (one byte per element) rather than a mask of x's dtype
 _BOOL_MASK_DEVICES = ("cuda", "xpu")
-
-# A parameter reference: a node, or (symbolic_trace graphs' nn.Linear modules) a qualified attribute name
-Ref = Union[fx.Node, str, None]
-
 
 @dataclass
 class _Linear:
@@ -80,38 +73,9 @@ class _Site:
     linear_skip: str = ""  # why the linears are left alone although they could be rewritten
 
 
-def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
-    mod = target_module(gm, where)
-    return None if getattr(mod, name, None) is None else f"{where.target}.{name}"
-
-
-def _requires_grad(ref: Ref, gm: fx.GraphModule) -> bool:
-    if ref is None:
-        return False
-    if isinstance(ref, str) or ref.op == "get_attr":
-        t: object = gm
-        for part in (ref if isinstance(ref, str) else str(ref.target)).split("."):
-            t = getattr(t, part)
-        return bool(getattr(t, "requires_grad", False))
-    v = value(ref)
-    return True if v is None else bool(v.requires_grad)  # unknown: assume it does
-
-
-def _dropout_call(gm: fx.GraphModule, n: fx.Node) -> tuple[fx.Node, object, object, object] | None:
-    """(x, p, training, inplace) of a dropout call or nn.Dropout module, else None."""
-    if n.op == "call_function" and n.target is F.dropout:
-        return arg(n, 0, "input"), arg(n, 1, "p", 0.5), arg(n, 2, "training", True), arg(n, 3, "inplace", False)
-    if n.op == "call_function" and n.target is torch.dropout:
-        return arg(n, 0, "input"), arg(n, 1, "p"), arg(n, 2, "train"), False
-    mod = target_module(gm, n)
-    if type(mod) is nn.Dropout:  # subclasses may draw differently
-        return n.args[0] if n.args else n.kwargs.get("input"), mod.p, mod.training, mod.inplace
-    return None
-
-
 def _site(gm: fx.GraphModule, n: fx.Node) -> _Site | None:
     """The dropout site at n; None where n is no dropout or one that is the identity (eval mode, p == 0)."""
-    call = _dropout_call(gm, n)
+    call = dropout_call(gm, n)
     if call is None:
         return None
     x, p, training, inplace = call
@@ -142,24 +106,18 @@ def _readers(gm: fx.GraphModule, d: fx.Node) -> tuple[list[_Linear], str]:
     while todo:
         cur, chain = todo.pop()
         for u in cur.users:
-            found: _Linear | None = None
             # views that keep the element order: the mask still lines up with the linear's input
             if is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) and u.args and u.args[0] is cur:
                 todo.append((u, chain + [u]))
                 continue
-            if is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
-                found = _Linear(u, chain, arg(u, 1, "weight"), arg(u, 2, "bias"))
-            elif u.op == "call_module" and type(target_module(gm, u)) is nn.Linear and u.args and u.args[0] is cur:
-                found = _Linear(u, chain, _attr(gm, u, "weight"), _attr(gm, u, "bias"))
-            elif is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
-                found = _Linear(u, chain, u.args[2], u.args[0], transposed=True)
-            elif is_call(u, ADD_FUNCTIONS + (getattr,), ("add", "__add__", "size", "dim")) or u.op == "output":
+            if is_call(u, ADD_FUNCTIONS + (getattr,), ("add", "__add__", "size", "dim")) or u.op == "output":
                 continue  # keeps nothing (an add, d.shape, ...)
-            if found is None:
+            lin = linear_call(gm, u)
+            if lin is None or lin.input is not cur:
                 what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
                 return linears, f"reader {u.name} ({what}) may keep dropout's output itself"
-            if _requires_grad(found.weight, gm):
-                linears.append(found)
+            if requires_grad(gm, lin.weight):
+                linears.append(_Linear(u, chain, lin.weight, lin.bias, lin.transposed))
             # a frozen weight: the linear keeps nothing of its input
     return linears, ""
 
@@ -200,7 +158,7 @@ def _keeps_itself(gm: fx.GraphModule, x: fx.Node, sites: set[fx.Node]) -> bool:
                                                                                _KEEPS_OUTPUT_MODULES):
         return True
     return any(u not in sites and is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is x
-               and _requires_grad(arg(u, 1, "weight"), gm) and _itemsize(u) == _itemsize(x) for u in x.users)
+               and requires_grad(gm, arg(u, 1, "weight")) and _itemsize(u) == _itemsize(x) for u in x.users)
 
 
 def _casts(site: _Site) -> bool:
@@ -292,9 +250,6 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     return candidates
 
 
-def _node(edit: GraphEdit, ref: Ref) -> fx.Node | None:
-    return edit.attr(ref) if isinstance(ref, str) else edit.node(ref)
-
 
 def _apply(edit: GraphEdit, site: _Site, linears: list[_Linear]) -> None:
     with edit.inserting_before(site.d):
@@ -312,6 +267,6 @@ def _apply(edit: GraphEdit, site: _Site, linears: list[_Linear]) -> None:
             linear = edit.node(c.node)  # its input now reads the new d (or a view of it)
             linear_input = linear.args[1] if c.transposed else (linear.args[0] if linear.args else linear.kwargs["input"])
             new = edit.call(torch.ops.approxbp.linear_shared.default, (
-                linear_input, shared, _node(edit, c.weight), _node(edit, c.bias), None, None, 0.0, c.transposed,
+                linear_input, shared, edit.ref(c.weight), edit.ref(c.bias), None, None, 0.0, c.transposed,
                 None, mask, scale))
         edit.replace(c.node, new)

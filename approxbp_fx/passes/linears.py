@@ -32,7 +32,7 @@ from torch import nn
 from ..ops import linears as _ops  # noqa: F401  (registers approxbp::linear_cast)
 from ..options import Options
 from ._edit import Candidate, GraphEdit
-from ._graph import LINEAR_FUNCTIONS, arg, is_call, module_path, target_module, value
+from ._graph import LinearCall, linear_call, module_path, ref_tensor, value
 
 __all__ = ["FAMILY", "find"]
 
@@ -41,40 +41,11 @@ FAMILY = "weight_casts"
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class _Linear:
-    """A linear call: its node, input, weight and bias (nodes, or attribute names of a call_module's
-    nn.Linear on symbolic_trace graphs) and the weight layout."""
-
-    def __init__(self, node: fx.Node, x: object, weight: object, bias: object, transposed: bool) -> None:
-        self.node, self.x, self.weight, self.bias, self.transposed = node, x, weight, bias, transposed
-
-
-def _match(gm: fx.GraphModule, n: fx.Node) -> _Linear | None:
-    if is_call(n, LINEAR_FUNCTIONS):
-        return _Linear(n, arg(n, 0, "input"), arg(n, 1, "weight"), arg(n, 2, "bias"), False)
-    if is_call(n, (torch.addmm,)) and len(n.args) == 3 and not n.kwargs:
-        return _Linear(n, n.args[1], n.args[2], n.args[0], True)  # GPT-2's Conv1D: addmm(b, x, W[in, out])
-    mod = target_module(gm, n)
-    if isinstance(mod, nn.Linear) and len(n.args) == 1 and not n.kwargs:
-        return _Linear(n, n.args[0], f"{n.target}.weight", None if mod.bias is None else f"{n.target}.bias", False)
-    return None
-
-
-def _tensor(gm: fx.GraphModule, ref: object) -> torch.Tensor | None:
-    """The example value of a node, or the module attribute a name or get_attr node refers to."""
-    if isinstance(ref, str) or (isinstance(ref, fx.Node) and ref.op == "get_attr"):
-        t: object = gm
-        for part in (ref if isinstance(ref, str) else str(ref.target)).split("."):
-            t = getattr(t, part, None)
-        return t if isinstance(t, torch.Tensor) else None
-    return value(ref)
-
-
 def _is_kept_by_model(gm: fx.GraphModule, ref: object) -> bool:
     """Whether the weight lives as long as the model: a parameter (Dynamo hands parameters in as
     placeholders whose example values are Parameters) or a module attribute (parameter or buffer)."""
     if isinstance(ref, str) or (isinstance(ref, fx.Node) and ref.op == "get_attr"):
-        return _tensor(gm, ref) is not None
+        return ref_tensor(gm, ref) is not None
     return isinstance(ref, fx.Node) and ref.op == "placeholder" and isinstance(value(ref), nn.Parameter)
 
 
@@ -91,13 +62,13 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     checkpointed = _checkpointed_regions(gm)
     candidates: list[Candidate] = []
     for n in gm.graph.nodes:
-        lin = _match(gm, n)
+        lin = linear_call(gm, n)
         if lin is None:
             continue
-        out, w, xv = value(n), _tensor(gm, lin.weight), value(lin.x)
+        out, w, xv = value(n), ref_tensor(gm, lin.weight), value(lin.input)
         if out is None or w is None or out.dtype not in _HALF or w.dtype == out.dtype or not w.is_floating_point():
             continue  # not a linear under autocast (or nothing recorded to tell)
-        b = None if lin.bias is None else _tensor(gm, lin.bias)
+        b = None if lin.bias is None else ref_tensor(gm, lin.bias)
         # the copy is kept for x's gradient: without one (x constant, nothing before it trains) none is kept
         needs_x_grad = xv is None or xv.requires_grad
         if checkpointed:
@@ -121,7 +92,7 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
         candidates.append(Candidate(
             FAMILY, n.name, module_path(n), f"{what} (autocast {_short(out.dtype)}: weight cast rebuilt)",
             bytes_saved=w.numel() * out.element_size() if needs_x_grad else 0, skip=reason,
-            apply=lambda edit, lin=lin, dtype=out.dtype: _apply(edit, lin, dtype),
+            apply=lambda edit, n=n, lin=lin, dtype=out.dtype: _apply(edit, n, lin, dtype),
             replaces=(n,)))
     return candidates
 
@@ -132,18 +103,14 @@ def _checkpointed_regions(gm: fx.GraphModule) -> int:
                if n.op == "call_function" and "tag_activation_checkpoint" in str(getattr(n.target, "__name__", n.target)))
 
 
-def _node(edit: GraphEdit, ref: object) -> object:
-    return edit.attr(ref) if isinstance(ref, str) else edit.node(ref)
-
-
-def _apply(edit: GraphEdit, lin: _Linear, dtype: torch.dtype) -> None:
-    xv = value(lin.x)
-    with edit.inserting_before(lin.node):
-        x = lin.x
+def _apply(edit: GraphEdit, n: fx.Node, lin: LinearCall, dtype: torch.dtype) -> None:
+    xv = value(lin.input)
+    with edit.inserting_before(n):
+        x = lin.input
         if xv is None or xv.dtype != dtype:
             # autocast's cast of the input, as its own node: it keeps nothing for backward, and the op
             # keeps its result (what autocast's linear keeps) when the weight trains
-            x = edit.method("to", (lin.x, dtype))
+            x = edit.method("to", (lin.input, dtype))
         new = edit.call(torch.ops.approxbp.linear_cast.default,
-                        (x, _node(edit, lin.weight), _node(edit, lin.bias), lin.transposed))
-    edit.replace(lin.node, new)
+                        (x, edit.ref(lin.weight), edit.ref(lin.bias), lin.transposed))
+    edit.replace(n, new)

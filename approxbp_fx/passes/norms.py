@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Union
 
 import torch
 import torch.fx as fx
@@ -44,8 +43,8 @@ from torch import nn
 from ..options import Options
 from ._edit import Candidate, GraphEdit
 from ._graph import (
-    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, is_basic_index, LINEAR_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, arg,
-    is_call, module_path, target_module, tensor_bytes, value,
+    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, Ref, arg, is_basic_index,
+    is_call, linear_call, module_path, requires_grad, target_module, tensor_bytes, value,
 )
 from ._norm_forms import identify, is_reduction
 from . import _norm_consumers as links
@@ -56,10 +55,6 @@ __all__ = ["FAMILY", "find"]
 
 FAMILY = "norms"
 
-
-# A parameter reference: a node, or (symbolic_trace graphs' call_module norms) the qualified name of a
-# module attribute, which becomes a get_attr node only when the site is applied.
-Ref = Union[fx.Node, str, None]
 
 
 @dataclass
@@ -113,27 +108,6 @@ def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
     """The qualified name of ``module.name`` of a call_module node (symbolic_trace graphs), if set."""
     mod = target_module(gm, where)
     return None if getattr(mod, name, None) is None else f"{where.target}.{name}"
-
-
-def _resolve(gm: fx.GraphModule, qualname: str) -> object:
-    t: object = gm
-    for part in qualname.split("."):
-        t = getattr(t, part)
-    return t
-
-
-def _requires_grad(ref: Ref, gm: fx.GraphModule) -> bool:
-    if ref is None:
-        return False
-    if isinstance(ref, str) or ref.op == "get_attr":
-        return bool(getattr(_resolve(gm, ref if isinstance(ref, str) else str(ref.target)), "requires_grad", False))
-    v = value(ref)
-    return True if v is None else bool(v.requires_grad)  # unknown: assume it does
-
-
-def _node(edit: GraphEdit, ref: Ref) -> fx.Node | None:
-    """The copy's node for a reference (a get_attr made now for an attribute name)."""
-    return edit.attr(ref) if isinstance(ref, str) else edit.node(ref)
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -267,12 +241,9 @@ def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consum
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
     at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
           "factor": path.factor}
-    if is_call(u, LINEAR_FUNCTIONS) and arg(u, 0, "input") is cur:
-        return _Consumer(weight=arg(u, 1, "weight"), bias=arg(u, 2, "bias"), **at)
-    if u.op == "call_module" and isinstance(target_module(gm, u), nn.Linear) and u.args[0] is cur:
-        return _Consumer(weight=_attr(gm, u, "weight"), bias=_attr(gm, u, "bias"), **at)
-    if is_call(u, (torch.addmm,)) and len(u.args) == 3 and u.args[1] is cur and not u.kwargs:
-        return _Consumer(weight=u.args[2], bias=u.args[0], transposed=True, **at)
+    lin = linear_call(gm, u)
+    if lin is not None and lin.input is cur:
+        return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
     grouped = links.grouped_mm(u, cur)
     if grouped is None or isinstance(grouped, str):
         return grouped
@@ -299,7 +270,7 @@ def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
 def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
     """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
     each distinct gathered or dropped-out tensor a layer with a trainable weight would keep."""
-    own = {c.input for c in consumers if (c.index is not None or c.dropout is not None) and _requires_grad(c.weight, gm)}
+    own = {c.input for c in consumers if (c.index is not None or c.dropout is not None) and requires_grad(gm, c.weight)}
     return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
 
 
@@ -319,7 +290,7 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             reason = norm.skip
         elif blocker is not None:
             reason = blocker
-        elif not any(_requires_grad(c.weight, gm) for c in consumers):
+        elif not any(requires_grad(gm, c.weight) for c in consumers):
             reason = ("nothing to share: no linear with a trainable weight reads the output"
                       + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
         elif xv is not None and not xv.is_floating_point():
@@ -345,7 +316,7 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
     if y_dtype is None or z_dtype is None:
         raise RuntimeError(f"approxbp: no dtype information for {norm.z.name}; run shape propagation first")
     with edit.inserting_before(norm.z):
-        weight, bias = _node(edit, norm.weight), _node(edit, norm.bias)
+        weight, bias = edit.ref(norm.weight), edit.ref(norm.bias)
         eps = norm.eps if isinstance(norm.eps, fx.Node) else float(norm.eps)
         triple = edit.call(torch.ops.approxbp.norm_shared.default, (
             norm.x, weight, bias, norm.offset, norm.ndim, eps, norm.rms, y_dtype, z_dtype))
@@ -368,7 +339,7 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
                     c.input, shared, c.index, c.weight, c.offs, weight, bias, norm.offset, mask, scale, c.grouped))
             else:
                 new = edit.call(torch.ops.approxbp.linear_shared.default, (
-                    c.input, shared, _node(edit, c.weight), _node(edit, c.bias), weight, bias, norm.offset,
+                    c.input, shared, edit.ref(c.weight), edit.ref(c.bias), weight, bias, norm.offset,
                     c.transposed, c.index, mask, scale))
         edit.replace(c.node, new)
 
