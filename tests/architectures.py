@@ -214,11 +214,13 @@ def token_inputs(seed: int = 0) -> dict[str, Tensor]:
     return {"input_ids": torch.randint(3, VOCAB, (BATCH, TOKENS), generator=g)}
 
 
-def with_lora(model: nn.Module, target_modules, seed: int = 2) -> nn.Module:
-    """PEFT LoRA (r = 8, no dropout) with lora_B ~ N(0, 0.02^2): at zero, A's gradient would be trivially zero."""
+def with_lora(model: nn.Module, target_modules, seed: int = 2, dropout: float = 0.0) -> nn.Module:
+    """PEFT LoRA (r = 8, ``lora_dropout=dropout``) with lora_B ~ N(0, 0.02^2): at zero, A's gradient would be
+    trivially zero."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_modules))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=target_modules)
+    peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
