@@ -342,8 +342,8 @@ def write_report(args, preset, geometries, settings, results, skipped, elapsed, 
              "the whole process: interpreter, libraries, weights, optimizer state; *step peak above resting* "
              "subtracts the RSS before the step)")
           + f"; *step time* is the median of {settings['rounds']} rounds that interleave the row's configurations "
-          "in one process after warm-up, and *vs. baseline* divides by eager (eager configurations) or torch.compile (compiled "
-          "ones). *Ideal* is the baseline's bytes minus the backend's per-site estimate of the bytes each "
+          "in one process after warm-up, and *vs. baseline* divides by eager (eager configurations) or "
+          "torch.compile (compiled ones). *Ideal* is the baseline's bytes minus the backend's per-site estimate of the bytes each "
           "rewritten site removes (`approxbp_fx.explain(...).bytes_saved`). Models are "
           "randomly initialised HF models built from configs, dropout 0 (0.1 in the rows named +dropout: HF's "
           "hidden and attention dropout, PEFT's lora_dropout); LoRA is peft's, r 8; bf16 is autocast.",
@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"step {_f(c.get('step_s') and c['step_s'] * 1000, '{:8.1f}')} ms" + (f"  FAILED: {err}" if err else ""),
                   flush=True)
     elapsed = time.perf_counter() - start
-    failures = write_report(args, preset, geometries, settings, results, skipped, elapsed, out_dir / "BENCHMARKS.md", res_dir)
+    failures = write_report(args, preset, geometries, settings, results, skipped, elapsed, out_dir / "BENCHMARKS.md",
+                            res_dir)
     log.close()
     print(f"wrote {out_dir / 'BENCHMARKS.md'} and {res_dir} in {elapsed:.0f}s; {failures} failure(s)")
     return 1 if failures else 0

@@ -25,13 +25,12 @@ from __future__ import annotations
 import pytest
 
 from architectures import MODELS, Runs, assert_forward_matches_eager
-from models import assert_grads_close, grad_errors, rel_l2
+from models import BF16_EXACT_GRAD_TOL, assert_grads_close, grad_errors, rel_l2
 
 FORWARD_TOL = {"eager": 1e-5, "inductor": 1e-4}
 EXACT_GRAD_TOL = 1e-4
 STEP_GRAD_TOL = 5e-3
 BF16_FORWARD_TOL = 2e-2
-BF16_EXACT_GRAD_TOL = 3e-2
 
 # saved-bytes ratio vs the same-mode baseline, (eager inner, inductor inner); None: that inner is not run
 FP32_RATIO = {

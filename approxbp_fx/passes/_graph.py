@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .._compat import dynamo_module_path, is_mutable_op
 
 __all__ = ["arg", "value", "module_path", "target_module", "is_call", "remove_dead", "has_side_effects", "tensor_bytes",
-           "topological", "Ref", "attribute", "ref_tensor", "requires_grad", "LinearCall", "linear_call",
+           "topological", "Ref", "attribute", "module_attr", "ref_tensor", "requires_grad", "LinearCall", "linear_call",
            "dropout_call", "VIEW_METHODS"]
 
 # A parameter reference: a node, or (symbolic_trace graphs' call_module layers) the qualified name of a
@@ -68,6 +68,12 @@ def attribute(gm: fx.GraphModule, qualname: str) -> object:
     return obj
 
 
+def module_attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
+    """The qualified name of ``module.name`` of a call_module node (symbolic_trace graphs), if set."""
+    mod = target_module(gm, where)
+    return None if getattr(mod, name, None) is None else f"{where.target}.{name}"
+
+
 def ref_tensor(gm: fx.GraphModule, ref: Ref) -> torch.Tensor | None:
     """The tensor a reference stands for: the module attribute a name or get_attr node names, or a node's
     example value."""
@@ -80,7 +86,7 @@ def ref_tensor(gm: fx.GraphModule, ref: Ref) -> torch.Tensor | None:
 def requires_grad(gm: fx.GraphModule, ref: Ref) -> bool:
     """Whether a reference's tensor needs a gradient: False for None and attributes that are no trainable
     tensor, True for a node whose example value is unknown (assume it does)."""
-    if ref is None or not isinstance(ref, (str, fx.Node)):
+    if not isinstance(ref, (str, fx.Node)):
         return False
     t = ref_tensor(gm, ref)
     if t is None:
@@ -136,7 +142,7 @@ def linear_call(gm: fx.GraphModule, n: fx.Node) -> LinearCall | None:
         return LinearCall(n.args[1], n.args[2], n.args[0], True)
     mod = target_module(gm, n)
     if isinstance(mod, nn.Linear) and len(n.args) == 1 and not n.kwargs:
-        return LinearCall(n.args[0], f"{n.target}.weight", None if mod.bias is None else f"{n.target}.bias", False)
+        return LinearCall(n.args[0], module_attr(gm, n, "weight"), module_attr(gm, n, "bias"), False)
     return None
 
 

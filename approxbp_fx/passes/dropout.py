@@ -250,7 +250,6 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     return candidates
 
 
-
 def _apply(edit: GraphEdit, site: _Site, linears: list[_Linear]) -> None:
     with edit.inserting_before(site.d):
         pair = edit.call(torch.ops.approxbp.dropout_packed.default, (site.x, site.p))

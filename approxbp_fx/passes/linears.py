@@ -19,8 +19,8 @@ its half copy would keep more bytes, not fewer), and in graphs holding activatio
 (their recompute must run the same casts as their forward). Under aot_eager and inductor the min-cut
 partitioner keeps the parameter rather than its copy because it knows the parameter is kept anyway (the
 backend hands it Dynamo's record of which inputs are parameters); under inductor the op's tags ask for
-the cast to be rebuilt as well. Linears that the norm family rewrote (they already
-cast inside ``linear_shared``) are not rewritten again: each candidate names its linear in ``replaces``.
+the cast to be rebuilt as well. Linears that the norm family rewrote (they already cast inside
+``linear_shared``) are not rewritten again: each candidate names its linear in ``replaces``.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from ..options import Options
 from ._edit import Candidate, GraphEdit
 from ._graph import (
     ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, Ref, arg, is_basic_index,
-    is_call, linear_call, module_path, requires_grad, target_module, tensor_bytes, value,
+    is_call, linear_call, module_attr, module_path, requires_grad, target_module, tensor_bytes, value,
 )
 from ._norm_forms import identify, is_reduction
 from . import _norm_consumers as links
@@ -104,12 +104,6 @@ class _Path:
     factor: float = 1.0  # a constant the output was multiplied by (T5 before its tied LM head)
 
 
-def _attr(gm: fx.GraphModule, where: fx.Node, name: str) -> str | None:
-    """The qualified name of ``module.name`` of a call_module node (symbolic_trace graphs), if set."""
-    mod = target_module(gm, where)
-    return None if getattr(mod, name, None) is None else f"{where.target}.{name}"
-
-
 def _normalized_ndim(shape: object) -> int:
     return 1 if isinstance(shape, int) else len(shape)  # type: ignore[arg-type]
 
@@ -130,7 +124,7 @@ def _find_call_norm(gm: fx.GraphModule, n: fx.Node) -> _Norm | None:
     if isinstance(mod, nn.LayerNorm) or isinstance(mod, getattr(nn, "RMSNorm", ())):
         rms = not isinstance(mod, nn.LayerNorm)
         eps = mod.eps if mod.eps is not None else torch.finfo(torch.float32).eps
-        return _Norm(n, n.args[0], _attr(gm, n, "weight"), None if rms else _attr(gm, n, "bias"), 0.0,
+        return _Norm(n, n.args[0], module_attr(gm, n, "weight"), None if rms else module_attr(gm, n, "bias"), 0.0,
                      len(mod.normalized_shape), eps, rms, type(mod).__name__)
     return None
 

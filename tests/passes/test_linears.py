@@ -21,8 +21,8 @@ from approxbp_fx.options import Options
 from approxbp_fx.passes import linears
 
 from architectures import MODELS
+from models import BF16_EXACT_GRAD_TOL, assert_grads_close
 
-BF16_EXACT_GRAD_TOL = 3e-2  # tests/test_architectures.py's tolerance for exact rewrites under bf16 autocast
 D = 16
 
 
@@ -84,14 +84,6 @@ def _train(model: nn.Module, fn, inputs) -> tuple[torch.Tensor, dict[str, torch.
     return out.detach(), grads, saved
 
 
-def _assert_close(grads: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Every gradient within bf16 rounding of plain autocast's (relative L2)."""
-    assert grads.keys() == expected.keys()
-    for name in expected:
-        err = (grads[name].float() - expected[name].float()).norm() / expected[name].float().norm()
-        assert err <= BF16_EXACT_GRAD_TOL, f"{name}: relative L2 {err:.2e}"
-
-
 def test_finds_only_autocast_linears(autocast_graph: fx.GraphModule) -> None:
     assert linears.find(_graph(False), Options()) == []
     found = {c.path: c for c in linears.find(autocast_graph, Options(inner="eager"))}
@@ -119,7 +111,7 @@ def test_aot_eager_keeps_the_parameter() -> None:
     _, expected, plain_saved = _train(plain, plain, inputs)
     assert len(_weight_copies(plain_saved, plain)) == 6
     assert len(_weight_copies(saved, model)) == 1
-    _assert_close(grads, expected)
+    assert_grads_close(grads, expected, BF16_EXACT_GRAD_TOL)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +148,7 @@ def test_weight_copies_gone(net_runs) -> None:
     model, _, grads, saved = net_runs["exact"]
     # the only copy left is that of the weight that is no parameter (a graph input)
     assert len(_weight_copies(saved, model)) == 1
-    _assert_close(grads, net_runs["eager"][2])
+    assert_grads_close(grads, net_runs["eager"][2], BF16_EXACT_GRAD_TOL)
 
 
 def test_linear_after_norm_stays_the_norms(net_runs) -> None:
@@ -208,6 +200,4 @@ def test_graph_with_checkpointed_regions_keeps_its_linears() -> None:
     _, ref_grads, _ = _train(plain_model, lambda **kw: plain_model(**kw).logits, make_inputs())
     sites = [s for r in reports for s in r.sites if s.family == "weight_casts"]
     assert sites and all(not s.rewritten and "activation-checkpointed" in s.reason for s in sites), sites
-    for name, g in ref_grads.items():
-        err = ((grads[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12)).item()
-        assert err <= BF16_EXACT_GRAD_TOL, f"{name}: relative L2 {err:.2e}"
+    assert_grads_close(grads, ref_grads, BF16_EXACT_GRAD_TOL)
