@@ -17,7 +17,9 @@ class Options:
     """Backend options. ``activations``: Approx-BP at GELU/SiLU/Mish sites (approximate gradients).
     ``norms``: MS-BP at norm -> linear sites (exact). ``masks``: exact 1-bit masks in place of the
     tensors exact backwards keep (ReLU/LeakyReLU/ReLU6/Hardtanh/clamp). ``weight_casts``: linears under
-    autocast keep their parameter instead of its half-precision copy (exact). ``inner``: what compiles the
+    autocast keep their parameter instead of its half-precision copy (exact). ``input_casts``: linears whose
+    input is an exact widening cast (bf16 -> float32) keep the narrow tensor and cast it again (exact).
+    ``inner``: what compiles the
     rewritten graph (a name in ``approxbp_fx.inners.INNERS``). ``verify``: check the rewritten forward against the original
     on the example inputs. ``bits``: bits per element of the activations' step-derivative code (1, 2 or
     3); 2 uses the paper's ReGELU2/ReSiLU2 constants, other widths and activations without paper
@@ -27,6 +29,7 @@ class Options:
     norms: bool = True
     masks: bool = True
     weight_casts: bool = True
+    input_casts: bool = True
     inner: str = "inductor"
     verify: bool = True
     bits: int = 2

@@ -74,12 +74,14 @@ def _affine(y_hat: Tensor, weight: Tensor | None, bias: Tensor | None, offset: f
 @fused
 def _norm_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, offset: float, eps: float, rms: bool,
-    y_dtype: torch.dtype, z_dtype: torch.dtype,
+    y_dtype: torch.dtype, z_dtype: torch.dtype, y_rounded: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x is [rows, D]; returns z, y_hat [rows, D] and rstd [rows, 1] (float32 or float64)."""
     y, rstd = normalize(x, eps, rms)
-    # z from the unrounded y: the same rounding as an unrewritten norm
-    return _affine(y, weight, bias, offset, z_dtype), y.to(y_dtype), rstd
+    y_hat = y.to(y_dtype)
+    # z as the unrewritten norm rounds it: a native norm applies its affine to the unrounded y, a norm
+    # written out (LLaMA's RMSNorm) casts y to y_dtype first
+    return _affine(y_hat if y_rounded else y, weight, bias, offset, z_dtype), y_hat, rstd
 
 
 def normalize(x: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
@@ -147,7 +149,7 @@ def _layer_norm_backward_aten(
 
 def _norm_shared_forward(
     form, x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_offset: float, normalized_ndim: int,
-    eps: float, rms: bool, y_dtype: torch.dtype, z_dtype: torch.dtype,
+    eps: float, rms: bool, y_dtype: torch.dtype, z_dtype: torch.dtype, y_rounded: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     d = _row_size(x, normalized_ndim)
     rows = x.reshape(-1, d)
@@ -167,14 +169,14 @@ def _norm_shared_forward(
             y_hat, _mean, rstd = torch.native_layer_norm(rows, [d], None, None, eps)
         z = _affine(y_hat, *flat, weight_offset, z_dtype)
     else:
-        z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype)
+        z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype, y_rounded)
     if z is y_hat and not form.traced:  # no affine and no cast: a custom op's outputs must not alias each other
         z = z.clone()
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
     return z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
 
 
-def _norm_shared_fake(x, weight, bias, weight_offset, normalized_ndim, eps, rms, y_dtype, z_dtype):
+def _norm_shared_fake(x, weight, bias, weight_offset, normalized_ndim, eps, rms, y_dtype, z_dtype, y_rounded):
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
     return (
         x.new_empty(x.shape, dtype=z_dtype),
@@ -195,7 +197,7 @@ def _rows(t: Tensor | None, n: int) -> Tensor | None:
 
 
 def _norm_setup(ctx, inputs, output) -> None:
-    x, weight, bias, offset, ndim, _eps, rms, _y, _z = inputs
+    x, weight, bias, offset, ndim, _eps, rms, _y, _z, _rounded = inputs
     _z_out, y_hat, rstd = output
     # y_hat and rstd stay differentiable outputs (a linear's weight gradient is a function of y_hat, so
     # create_graph=True differentiates through them); unused, their gradients arrive as None, not zeros.
@@ -226,13 +228,13 @@ def _norm_backward_autograd(ctx, grad_z: Tensor | None, grad_y: Tensor | None, g
         grad_w = grad_w.view(weight.shape).to(weight.dtype)
     if grad_b is not None:
         grad_b = grad_b.view(weight.shape if weight is not None else y_hat.shape[y_hat.dim() - ctx.ndim:])
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 define_op(OpSpec(
     "approxbp::norm_shared",
     "(Tensor x, Tensor? weight, Tensor? bias, float weight_offset, int normalized_ndim, float eps, bool rms, "
-    "ScalarType y_dtype, ScalarType z_dtype) -> (Tensor, Tensor, Tensor)",
+    "ScalarType y_dtype, ScalarType z_dtype, bool y_rounded) -> (Tensor, Tensor, Tensor)",
     _norm_shared_forward, _norm_shared_fake, _norm_setup, _norm_backward_autograd,
     # AOTAutograd refuses double backward anyway: keep y_hat and rstd out of the joint graph's gradients
     traced_non_differentiable=(1, 2),
@@ -242,7 +244,7 @@ define_op(OpSpec(
 def _linear_shared_forward(
     form, z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None,
     norm_bias: Tensor | None, norm_weight_offset: float, weight_transposed: bool, index: Tensor | None,
-    mask: Tensor | None, mask_scale: float,
+    mask: Tensor | None, mask_scale: float, norm_dtype: torch.dtype | None,
 ) -> Tensor:
     device = z.device.type
     if not torch.is_autocast_enabled(device):
@@ -267,17 +269,18 @@ def linear_forward(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: b
 
 
 def _linear_shared_fake(z, y_hat, weight, bias, norm_weight, norm_bias, norm_weight_offset, weight_transposed, index,
-                        mask, mask_scale):
+                        mask, mask_scale, norm_dtype):
     out_features = weight.shape[1] if weight_transposed else weight.shape[0]
     return z.new_empty((*z.shape[:-1], out_features))
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed, index, mask, mask_scale = inputs
+    z, y_hat, weight, bias, norm_weight, norm_bias, offset, transposed, index, mask, mask_scale, norm_dtype = inputs
     # z itself is not saved: backward rebuilds it from the shared y_hat (and the index and mask, which
     # the gather and the dropout before the linear keep anyway).
     ctx.save_for_backward(y_hat, weight, norm_weight, norm_bias, index, mask)
     ctx.offset, ctx.transposed, ctx.z_dtype, ctx.mask_scale = offset, transposed, z.dtype, mask_scale
+    ctx.norm_dtype = norm_dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     # Under autocast the forward's matmul ran in a lower precision than z and the weight: the
     # backward runs its matmuls in that dtype too (backward usually runs outside the autocast region).
@@ -287,13 +290,18 @@ def _linear_setup(ctx, inputs, output) -> None:
 def rebuild_input(
     y_hat: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, offset: float, z_dtype: torch.dtype,
     index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
+    norm_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """The linear's input rows from the shared y_hat [rows, in]: the norm's affine, then the rows the
-    linear read (``index``: an expert's gathered tokens), then the dropout mask applied to them, or
-    without a mask a constant the output was multiplied by (``mask_scale``: T5's ``z * d_model**-0.5``)."""
+    """The linear's input rows from the shared y_hat [rows, in]: the norm's affine (rounded to
+    ``norm_dtype``, the dtype of the norm's output, then cast exactly to the linear's wider ``z_dtype``: a
+    PEFT adapter's float32 upcast of a bf16 norm), then the rows the linear read (``index``: an expert's
+    gathered tokens), then the dropout mask applied to them, or without a mask a constant the output was
+    multiplied by (``mask_scale``: T5's ``z * d_model**-0.5``)."""
     if index is not None:
         y_hat = y_hat[index]  # advanced indexing, as the gather itself: negative indices count from the end
-    z = _affine(y_hat, norm_weight, norm_bias, offset, z_dtype)
+    z = _affine(y_hat, norm_weight, norm_bias, offset, norm_dtype or z_dtype)
+    if z.dtype != z_dtype:
+        z = z.to(z_dtype)  # a widening cast: exact, as the model's own
     if mask is not None:
         z = mask_multiply(z, mask, mask_scale)
     elif mask_scale != 1.0:
@@ -305,6 +313,7 @@ def _linear_backward(
     grad: Tensor, y_hat: Tensor, weight: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
     offset: float, transposed: bool, z_dtype: torch.dtype, compute_dtype: torch.dtype, need_z: bool, need_w: bool,
     need_b: bool, index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
+    norm_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """grad is [rows, out], y_hat [rows, in] (before ``index``); matmuls in ``compute_dtype``."""
     grad_z = grad_w = grad_b = None
@@ -313,7 +322,8 @@ def _linear_backward(
         w = weight.to(compute_dtype)
         grad_z = grad @ w.t() if transposed else grad @ w
     if need_w:
-        z = rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale).to(compute_dtype)
+        z = rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale,
+                          norm_dtype).to(compute_dtype)
         grad_w = z.t() @ grad if transposed else grad.t() @ z
     if need_b:
         grad_b = grad.sum(0)
@@ -327,7 +337,7 @@ def _linear_backward_autograd(ctx, grad: Tensor):
     grad_z, grad_w, grad_b = _linear_backward(
         grad.reshape(-1, grad.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]), weight, norm_weight, norm_bias,
         ctx.offset, ctx.transposed, ctx.z_dtype, ctx.compute_dtype, need_z, need_w, need_b and ctx.bias_dtype is not None,
-        index, mask, ctx.mask_scale,
+        index, mask, ctx.mask_scale, ctx.norm_dtype,
     )
     if grad_z is not None:
         grad_z = grad_z.view(*grad.shape[:-1], y_hat.shape[-1]).to(ctx.z_dtype)  # z: rows of y_hat
@@ -335,13 +345,14 @@ def _linear_backward_autograd(ctx, grad: Tensor):
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(ctx.bias_dtype)
-    return grad_z, None, grad_w, grad_b, None, None, None, None, None, None, None
+    return grad_z, None, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 define_op(OpSpec(
     "approxbp::linear_shared",
     "(Tensor z, Tensor y_hat, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, "
-    "float norm_weight_offset, bool weight_transposed, Tensor? index, Tensor? mask, float mask_scale) -> Tensor",
+    "float norm_weight_offset, bool weight_transposed, Tensor? index, Tensor? mask, float mask_scale, "
+    "ScalarType? norm_dtype) -> Tensor",
     _linear_shared_forward, _linear_shared_fake, _linear_setup, _linear_backward_autograd,
 ))
 
@@ -365,28 +376,32 @@ def ms_layer_norm(
     :func:`linear_shared` so the linear layers after the norm keep y_hat instead of their own copy of z.
     """
     ndim = _check_normalized_shape(x, normalized_shape)
-    return SharedNorm(*torch.ops.approxbp.norm_shared(x, weight, bias, 0.0, ndim, eps, False, x.dtype, x.dtype))
+    return SharedNorm(*torch.ops.approxbp.norm_shared(x, weight, bias, 0.0, ndim, eps, False, x.dtype, x.dtype, False))
 
 
 def ms_rms_norm(
     x: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None, eps: float = 1e-6,
     weight_offset: float = 0.0, y_dtype: torch.dtype | None = None, z_dtype: torch.dtype | None = None,
+    round_y: bool = False,
 ) -> SharedNorm:
     """RMSNorm, ``z = y_hat * (weight + weight_offset)`` with ``y_hat = x * rsqrt(mean(x^2) + eps)``.
 
     Statistics are computed in float32 (HF's LLaMA/T5 convention); ``weight_offset=1.0`` expresses
     Gemma's ``(1 + weight)``. ``y_dtype``/``z_dtype`` (default: x's dtype) set what y_hat is stored in
-    and what z is returned in, to reproduce a model's casts.
+    and what z is returned in, to reproduce a model's casts. The weight multiplies the float32 y, rounded
+    once to ``z_dtype`` (as ``F.rms_norm`` does), or with ``round_y=True`` y rounded to ``y_dtype`` first
+    (as LLaMA's RMSNorm, ``weight * y.to(input_dtype)``, does).
     """
     ndim = _check_normalized_shape(x, normalized_shape)
     return SharedNorm(*torch.ops.approxbp.norm_shared(
-        x, weight, None, float(weight_offset), ndim, eps, True, y_dtype or x.dtype, z_dtype or x.dtype))
+        x, weight, None, float(weight_offset), ndim, eps, True, y_dtype or x.dtype, z_dtype or x.dtype, round_y))
 
 
 def linear_shared(
     z: Tensor, y_hat: Tensor, weight: Tensor, bias: Tensor | None = None, norm_weight: Tensor | None = None,
     norm_bias: Tensor | None = None, norm_weight_offset: float = 0.0, weight_transposed: bool = False,
     index: Tensor | None = None, mask: Tensor | None = None, mask_scale: float = 1.0,
+    norm_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``F.linear(z, weight, bias)`` that keeps the norm's ``y_hat`` for backward instead of ``z``.
 
@@ -399,6 +414,10 @@ def linear_shared(
     block feeds an expert), ``mask``/``mask_scale`` the dropout applied to them last (the 1-bit mask of
     ``approxbp_fx.ops.dropout.dropout_packed`` and the value kept elements were scaled by). Without a
     mask, ``mask_scale`` is a constant the norm's output was multiplied by before the linear.
+
+    ``norm_dtype`` is the dtype of the norm's output when z is a widening cast of it (a bf16 norm read by
+    a float32 adapter: ``z = out.to(torch.float32)``); backward rebuilds the output in that dtype and
+    casts it, as the model did. y_hat may then be kept in the narrow dtype.
     """
     rows = y_hat.reshape(-1, y_hat.shape[-1])
     expected = (rows.shape[0] if index is None else index.numel(), y_hat.shape[-1])
@@ -412,4 +431,4 @@ def linear_shared(
                          f"of shape {tuple(mask.shape)}")
     return torch.ops.approxbp.linear_shared(
         z, y_hat, weight, bias, norm_weight, norm_bias, float(norm_weight_offset), weight_transposed, index, mask,
-        float(mask_scale))
+        float(mask_scale), norm_dtype)

@@ -1,6 +1,6 @@
 """What may stand between a norm's output and the layers that share it: the links of a consumer chain.
 
-    z -> [views, no-op casts] -> [row gather z2d[index]] -> [views, casts] -> [dropout] -> [views, casts]
+    z -> [views, casts] -> [row gather z2d[index]] -> [views, casts] -> [dropout] -> [views, no-op casts]
       -> linear (F.linear, nn.Linear, GPT-2's addmm) or grouped matmul (a mixture-of-experts' experts)
 
 ``norms._consumers`` walks the chain with these predicates; each answers for one node ``u`` reading
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .._compat import grouped_mm as grouped_mm_private
 from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_call, value
 
-__all__ = ["reads_metadata_only", "is_noop_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["reads_metadata_only", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -45,6 +45,25 @@ def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:
         return False
     a, b = value(cur), value(u)
     return a is not None and b is not None and (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
+
+
+# (from, to) float dtypes whose cast is exact: every value of the narrow dtype is one of the wide dtype
+_EXACT_WIDENING = frozenset({
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float64), (torch.float16, torch.float32),
+    (torch.float16, torch.float64), (torch.float32, torch.float64),
+})
+
+
+def is_widening_cast(u: fx.Node, cur: fx.Node) -> bool:
+    """``cur.to(torch.float32)``/``cur.float()``/... of a narrower float dtype, same shape and device: an exact
+    cast that backward can redo from cur (PEFT's cast of a bf16 hidden state to its float32 adapter)."""
+    if not (is_call(u, methods=_CAST_METHODS) and u.args and u.args[0] is cur):
+        return False
+    if any(k in u.kwargs for k in ("memory_format", "copy")):
+        return False
+    a, b = value(cur), value(u)
+    return (a is not None and b is not None and (a.shape, a.device) == (b.shape, b.device)
+            and (a.dtype, b.dtype) in _EXACT_WIDENING)
 
 
 def is_shape_view(u: fx.Node, cur: fx.Node) -> bool:

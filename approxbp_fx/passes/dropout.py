@@ -4,7 +4,7 @@
                                                        keeps its mask: 4 bytes/elem on CPU, 1 on CUDA
              a = linear(d, A)                          keeps d (a new full-size tensor), A trainable
     after:   d, mask = approxbp::dropout_packed(x, p)                          keeps mask (1 bit/elem)
-             a = approxbp::linear_shared(d, x, A, None, None, None, 0.0, False, None, mask, scale)
+             a = approxbp::linear_shared(d, x, A, None, None, None, 0.0, False, None, mask, scale, None)
                                                        keeps x and the same mask; rebuilds d in backward
 
 Forward values are bit for bit torch's: the op draws exactly what torch's dropout draws for the same RNG
@@ -267,5 +267,5 @@ def _apply(edit: GraphEdit, site: _Site, linears: list[_Linear]) -> None:
             linear_input = linear.args[1] if c.transposed else (linear.args[0] if linear.args else linear.kwargs["input"])
             new = edit.call(torch.ops.approxbp.linear_shared.default, (
                 linear_input, shared, edit.ref(c.weight), edit.ref(c.bias), None, None, 0.0, c.transposed,
-                None, mask, scale))
+                None, mask, scale, None))
         edit.replace(c.node, new)

@@ -1,4 +1,8 @@
-"""Linear layers under autocast keep their parameter for backward, not its cast copy (exact).
+"""Linear layers keep the narrowest exact form of what they read for backward: under autocast their
+parameter rather than its cast copy (option ``weight_casts``), and where their input is an exact widening
+cast, the narrow tensor rather than the wide one (option ``input_casts``). Both are exact.
+
+Weight casts:
 
     before (traced under torch.autocast(dtype=bf16); W, b float32 parameters):
              out = linear(x, W, b)           (nn.Linear, F.linear, or GPT-2's addmm(b, x, W))
@@ -21,6 +25,20 @@ partitioner keeps the parameter rather than its copy because it knows the parame
 backend hands it Dynamo's record of which inputs are parameters); under inductor the op's tags ask for
 the cast to be rebuilt as well. Linears that the norm family rewrote (they already cast inside
 ``linear_shared``) are not rewritten again: each candidate names its linear in ``replaces``.
+
+Input casts:
+
+    before:  x32 = h.to(torch.float32)           h bf16 (PEFT's cast of a bf16 hidden state before its
+                                                 float32 adapter: lora_A(h.to(float32)))
+             a = linear(x32, A)                  A trainable: keeps x32, 4 bytes per element
+    after:   a = approxbp::linear_shared(x32, h, A, None, None, None, 0.0, False, None, None, 1.0, bf16)
+                                                 keeps h (2 bytes per element, one storage for every
+                                                 linear reading a cast of it); backward casts it again
+
+The cast is exact (every bf16/fp16 value is a float32 one), so the gradients are bit for bit plain
+autograd's. A site needs a trainable weight (a frozen one keeps nothing of its input) and a linear that
+computes in the cast's dtype (under autocast it keeps its own half-precision cast: the weight-cast sites'
+business); it is left alone where another reader of the wide tensor may keep it anyway.
 """
 
 from __future__ import annotations
@@ -30,13 +48,21 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops import linears as _ops  # noqa: F401  (registers approxbp::linear_cast)
+from ..ops import norms as _norm_ops  # noqa: F401  (registers approxbp::linear_shared)
 from ..options import Options
 from ._edit import Candidate, GraphEdit
-from ._graph import LinearCall, linear_call, module_path, ref_tensor, value
+from ._graph import (
+    ADD_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, LinearCall, is_call, linear_call, module_path, ref_tensor,
+    requires_grad, tensor_bytes, value,
+)
+from ._norm_consumers import is_widening_cast, reads_metadata_only
 
-__all__ = ["FAMILY", "find"]
+__all__ = ["FAMILY", "OPTIONS", "INPUT_CASTS", "find"]
 
 FAMILY = "weight_casts"
+INPUT_CASTS = "input_casts"
+#: the options whose sites this family finds: autocast weight copies, and wide casts of linear inputs
+OPTIONS = (FAMILY, INPUT_CASTS)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -58,7 +84,13 @@ def _describe(ref: object) -> str:
 
 
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
-    """Every linear that runs under autocast (module docstring), with the reason it is left alone where it is."""
+    """The sites of the options that are on (module docstring), with the reason each is left alone where it is."""
+    return ((_weight_cast_sites(gm) if getattr(options, FAMILY) else [])
+            + (_input_cast_sites(gm) if getattr(options, INPUT_CASTS) else []))
+
+
+def _weight_cast_sites(gm: fx.GraphModule) -> list[Candidate]:
+    """Every linear that runs under autocast, with the reason it is left alone where it is."""
     checkpointed = _checkpointed_regions(gm)
     candidates: list[Candidate] = []
     for n in gm.graph.nodes:
@@ -95,6 +127,78 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             apply=lambda edit, n=n, lin=lin, dtype=out.dtype: _apply(edit, n, lin, dtype),
             replaces=(n,)))
     return candidates
+
+
+def _cast_below(node: object) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(cast, views) where ``node`` is ``cast`` through shape views (in order) and ``cast`` an exact
+    widening cast of another tensor; else None."""
+    views: list[fx.Node] = []
+    while isinstance(node, fx.Node) and is_call(node, VIEW_FUNCTIONS, VIEW_METHODS) and node.args:
+        views.insert(0, node)
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node) and is_widening_cast(
+            node, node.args[0]):
+        return node, views
+    return None
+
+
+def _may_keep(gm: fx.GraphModule, cast: fx.Node, sites: set[fx.Node]) -> fx.Node | None:
+    """A reader of ``cast`` (through views) other than the site linears that may keep it, or None."""
+    todo = [cast]
+    while todo:
+        cur = todo.pop()
+        for u in cur.users:
+            if u in sites or u.op == "output" or is_call(u, ADD_FUNCTIONS, ("add", "__add__")) \
+                    or reads_metadata_only(u, cur):
+                continue
+            if is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) and u.args[0] is cur:
+                todo.append(u)
+                continue
+            lin = linear_call(gm, u)
+            if lin is not None and lin.input is cur and not requires_grad(gm, lin.weight):
+                continue  # a frozen weight: keeps nothing of its input
+            return u
+    return None
+
+
+def _input_cast_sites(gm: fx.GraphModule) -> list[Candidate]:
+    """Every linear with a trainable weight that reads an exact widening cast (module docstring)."""
+    found: list[tuple[fx.Node, LinearCall, fx.Node, list[fx.Node]]] = []
+    for n in gm.graph.nodes:
+        lin = linear_call(gm, n)
+        below = None if lin is None or not requires_grad(gm, lin.weight) else _cast_below(lin.input)
+        out, xv = value(n), value(lin.input) if lin is not None else None
+        if below is None or out is None or xv is None or out.dtype != xv.dtype:
+            continue  # no cast before it, or under autocast (the linear keeps its own half copy)
+        found.append((n, lin, *below))
+    sites = {n for n, *_ in found}
+    readers: dict[fx.Node, int] = {}  # narrow tensor -> how many sites keep it
+    for _, _, cast, _ in found:
+        readers[cast.args[0]] = readers.get(cast.args[0], 0) + 1
+    candidates = []
+    for n, lin, cast, views in found:
+        narrow = cast.args[0]
+        keeper = _may_keep(gm, cast, sites)
+        reason = "" if keeper is None else f"reader {keeper.name} of the cast {cast.name} may keep it anyway"
+        dtypes = f"{_short(value(narrow).dtype)} -> {_short(value(cast).dtype)}"
+        candidates.append(Candidate(
+            INPUT_CASTS, n.name, module_path(n), f"{'addmm' if lin.transposed else 'linear'} (input cast {dtypes} "
+            "rebuilt)", bytes_saved=tensor_bytes(cast) - tensor_bytes(narrow) // readers[narrow], skip=reason,
+            apply=lambda edit, n=n, lin=lin, cast=cast, views=views: _apply_input_cast(edit, n, lin, cast, views),
+            replaces=(n,)))
+    return candidates
+
+
+def _apply_input_cast(edit: GraphEdit, n: fx.Node, lin: LinearCall, cast: fx.Node, views: list[fx.Node]) -> None:
+    narrow = cast.args[0]
+    with edit.inserting_before(n):
+        kept = edit.node(narrow)
+        for view in views:  # the narrow tensor through the same views as the linear's input
+            kept = edit.copy(view, lambda a, v=view, k=kept: k if a is edit.node(v.args[0]) else a)
+        new = edit.call(torch.ops.approxbp.linear_shared.default, (
+            edit.node(lin.input), kept, edit.ref(lin.weight), edit.ref(lin.bias), None, None, 0.0, lin.transposed,
+            None, None, 1.0, value(narrow).dtype))
+    edit.replace(n, new)
 
 
 def _checkpointed_regions(gm: fx.GraphModule) -> int:

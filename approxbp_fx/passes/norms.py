@@ -72,6 +72,8 @@ class _Norm:
     z_dtype: torch.dtype | None = None
     nodes: frozenset[fx.Node] = frozenset()  # a computed norm's nodes (x and parameters excluded)
     skip: str = ""  # why the form must be left alone whatever its consumers; empty: it can be rewritten
+    # the affine reads y rounded to y_dtype (a written-out norm's own cast), not the float32 y (a native norm)
+    y_rounded: bool = False
 
 
 @dataclass
@@ -88,6 +90,7 @@ class _Consumer:
     dropout: fx.Node | None = None  # a training dropout on the way, after the gather
     p: float = 0.0
     factor: float = 1.0  # z * factor (a Python number), before any dropout
+    norm_dtype: torch.dtype | None = None  # z's dtype where the layer reads an exact widening cast of z
     grouped: str = ""  # a grouped matmul: its impl name for approxbp::grouped_mm_shared; "" for a linear
     offs: fx.Node | None = None  # a grouped matmul's per-expert offsets
 
@@ -102,6 +105,7 @@ class _Path:
     dropout: fx.Node | None = None
     p: float = 0.0
     factor: float = 1.0  # a constant the output was multiplied by (T5 before its tied LM head)
+    norm_dtype: torch.dtype | None = None  # set once the walk passed a widening cast: z's dtype
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -138,7 +142,7 @@ def _find_computed_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int
     if found is None:
         return None
     return _Norm(found.z, found.x, found.weight, found.bias, found.offset, 1, found.eps, found.rms, found.pattern,
-                 found.y_dtype, found.z_dtype, found.nodes, found.skip)
+                 found.y_dtype, found.z_dtype, found.nodes, found.skip, y_rounded=True)
 
 
 def _find_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _Norm | None:
@@ -167,6 +171,13 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
                 continue  # keeps nothing
             if links.is_noop_cast(u, cur):
                 todo.append(replace(path, node=u))  # cur itself: y_hat needs no cast
+                continue
+            if links.is_widening_cast(u, cur):
+                if path.dropout is not None or path.factor != 1.0:
+                    # backward rebuilds in the order affine, cast, scale or mask: not the other way round
+                    return consumers, f"cast {u.name} follows a dropout or a scale of the output", dropouts
+                # exact: backward casts the rebuilt output again (a PEFT adapter's float32 upcast)
+                todo.append(replace(path, node=u, norm_dtype=path.norm_dtype or zv.dtype))
                 continue
             if (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_basic_index(u)) and u.args[0] is cur:
                 if not gathered_or_dropped:
@@ -234,13 +245,15 @@ def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
 def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
     at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
-          "factor": path.factor}
+          "factor": path.factor, "norm_dtype": path.norm_dtype}
     lin = linear_call(gm, u)
     if lin is not None and lin.input is cur:
         return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
     grouped = links.grouped_mm(u, cur)
     if grouped is None or isinstance(grouped, str):
         return grouped
+    if path.norm_dtype is not None:
+        return f"grouped matmul {u.name} reads a cast of the output"
     impl, weight, offs = grouped
     return _Consumer(weight=weight, grouped=impl, offs=offs, **at)
 
@@ -264,7 +277,8 @@ def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
 def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
     """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
     each distinct gathered or dropped-out tensor a layer with a trainable weight would keep."""
-    own = {c.input for c in consumers if (c.index is not None or c.dropout is not None) and requires_grad(gm, c.weight)}
+    own = {c.input for c in consumers
+           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None) and requires_grad(gm, c.weight)}
     return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
 
 
@@ -313,7 +327,7 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
         weight, bias = edit.ref(norm.weight), edit.ref(norm.bias)
         eps = norm.eps if isinstance(norm.eps, fx.Node) else float(norm.eps)
         triple = edit.call(torch.ops.approxbp.norm_shared.default, (
-            norm.x, weight, bias, norm.offset, norm.ndim, eps, norm.rms, y_dtype, z_dtype))
+            norm.x, weight, bias, norm.offset, norm.ndim, eps, norm.rms, y_dtype, z_dtype, norm.y_rounded))
         z = edit.call(operator.getitem, (triple, 0))
         y_hat = edit.call(operator.getitem, (triple, 1))
     edit.replace(norm.z, z)
@@ -334,7 +348,7 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
             else:
                 new = edit.call(torch.ops.approxbp.linear_shared.default, (
                     c.input, shared, edit.ref(c.weight), edit.ref(c.bias), weight, bias, norm.offset,
-                    c.transposed, c.index, mask, scale))
+                    c.transposed, c.index, mask, scale, c.norm_dtype))
         edit.replace(c.node, new)
 
 

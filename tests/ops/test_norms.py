@@ -257,9 +257,10 @@ def test_opcheck_norm_shared(shape, device):
                  torch.randn(d, requires_grad=True))
     f32 = torch.float32
     op = torch.ops.approxbp.norm_shared.default
-    torch.library.opcheck(op, (x, w, b, 0.0, 1, 1e-5, False, f32, f32))
-    torch.library.opcheck(op, (x, w, None, 1.0, 1, 1e-6, True, f32, f32))
-    torch.library.opcheck(op, (x, None, None, 0.0, 1, 1e-6, True, torch.bfloat16, f32))
+    torch.library.opcheck(op, (x, w, b, 0.0, 1, 1e-5, False, f32, f32, False))
+    torch.library.opcheck(op, (x, w, None, 1.0, 1, 1e-6, True, f32, f32, False))
+    torch.library.opcheck(op, (x, None, None, 0.0, 1, 1e-6, True, torch.bfloat16, f32, False))
+    torch.library.opcheck(op, (x, w, None, 0.0, 1, 1e-6, True, torch.bfloat16, torch.bfloat16, True))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -272,8 +273,8 @@ def test_opcheck_linear_shared(shape, transposed):
     weight = torch.randn(*((d, OUT) if transposed else (OUT, d)), requires_grad=True)
     bias = torch.randn(OUT, requires_grad=True)
     op = torch.ops.approxbp.linear_shared.default
-    torch.library.opcheck(op, (z, y_hat, weight, bias, w, b, 0.0, transposed, None, None, 1.0))
-    torch.library.opcheck(op, (z, y_hat, weight.detach(), None, None, None, 0.0, transposed, None, None, 1.0))
+    torch.library.opcheck(op, (z, y_hat, weight, bias, w, b, 0.0, transposed, None, None, 1.0, None))
+    torch.library.opcheck(op, (z, y_hat, weight.detach(), None, None, None, 0.0, transposed, None, None, 1.0, None))
 
 
 def test_opcheck_linear_shared_rows_and_mask():
@@ -286,7 +287,7 @@ def test_opcheck_linear_shared_rows_and_mask():
     rows = rows.requires_grad_()
     weight, bias = torch.randn(OUT, d, requires_grad=True), torch.randn(OUT, requires_grad=True)
     torch.library.opcheck(torch.ops.approxbp.linear_shared.default,
-                          (rows, y_hat, weight, bias, w, b, 0.0, False, index, mask, dropout_scale(0.25, torch.float32)))
+                          (rows, y_hat, weight, bias, w, b, 0.0, False, index, mask, dropout_scale(0.25, torch.float32), None))
 
 
 @pytest.mark.parametrize("dropout", [False, True])
