@@ -169,7 +169,11 @@ def _norm_shared_forward(
             y_hat, _mean, rstd = torch.native_layer_norm(rows, [d], None, None, eps)
         z = _affine(y_hat, *flat, weight_offset, z_dtype)
     else:
-        z, y_hat, rstd = _norm_forward(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype, y_rounded)
+        # A written-out norm (y_rounded) runs as the same eager ops the model runs, LLaMA's RMSNorm bit for
+        # bit; a compiled kernel reduces in another order, and in bf16 a last-bit difference in y becomes a
+        # different rounding of y_hat, which float32 adapters after the norm would see.
+        body = _norm_forward.__wrapped__ if y_rounded else _norm_forward
+        z, y_hat, rstd = body(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype, y_rounded)
     if z is y_hat and not form.traced:  # no affine and no cast: a custom op's outputs must not alias each other
         z = z.clone()
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
