@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .._compat import grouped_mm as grouped_mm_private
 from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_call, value
 
-__all__ = ["reads_metadata_only", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["reads_metadata_only", "keeps_nothing", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -35,6 +35,44 @@ def reads_metadata_only(u: fx.Node, cur: fx.Node) -> bool:
     """u uses cur's shape, dtype or device, never its values: it keeps nothing of cur."""
     return is_call(u, _METADATA_FUNCTIONS, _METADATA_METHODS) and bool(u.args) and u.args[0] is cur and not any(
         a is cur for a in (*u.args[1:], *u.kwargs.values()))
+
+
+def keeps_nothing(gm: fx.GraphModule, u: fx.Node, cur: fx.Node) -> bool:
+    """u computes from cur but keeps none of it for backward: an op of bitsandbytes (a linear over a frozen,
+    quantized weight: QLoRA's base layers), or an ``autograd.Function`` that Dynamo traced as
+    ``autograd_function_apply`` whose forward saves nothing computed from cur (bitsandbytes' ``MatMul4Bit``
+    saves its packed weight and recomputes the rest)."""
+    if u.op != "call_function":
+        return False
+    if getattr(u.target, "namespace", None) == "bitsandbytes":
+        return True
+    if u.target is not getattr(torch.ops.higher_order, "autograd_function_apply", None) or len(u.args) < 3:
+        return False
+    operands = list(u.args[2:])
+    fwd = u.args[0]
+    body = gm.get_submodule(fwd.target) if isinstance(fwd, fx.Node) and fwd.op == "get_attr" else None
+    if not isinstance(body, fx.GraphModule) or cur not in operands:
+        return False
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in body.graph.nodes if n.op == "output")
+    result = output.args[0]
+    if len(placeholders) != len(operands) or not (isinstance(result, tuple) and len(result) == 2):
+        return False  # not the (outputs, saved) layout this reads
+    inputs = {placeholders[i] for i, a in enumerate(operands) if a is cur}
+    saved = [n for n in result[1] if isinstance(n, fx.Node)] if isinstance(result[1], (tuple, list)) else []
+    return not any(_depends_on(n, inputs) for n in saved)
+
+
+def _depends_on(n: fx.Node, sources: set[fx.Node]) -> bool:
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        if m in sources:
+            return True
+        if m not in seen:
+            seen.add(m)
+            todo += m.all_input_nodes
+    return False
 
 
 def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:

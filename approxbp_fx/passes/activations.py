@@ -121,6 +121,13 @@ def _cone(gm: fx.GraphModule, y: fx.Node) -> tuple[fx.Node, list[fx.Node]] | Non
     return root, topological(nodes)
 
 
+def _single_call(y: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(x, [y]) when y reads one tensor x: a native activation call whose input is itself pointwise in
+    several tensors (QLoRA's ``silu(base(x) + lora(x))``), where the widest pointwise cone has two roots."""
+    inputs = y.all_input_nodes
+    return (inputs[0], [y]) if len(inputs) == 1 else None
+
+
 def _evaluate(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], probe: torch.Tensor) -> torch.Tensor | None:
     env = {x: probe}
     load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
@@ -199,7 +206,7 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             continue
         if not options.activations or not _is_pointwise(gm, y):
             continue
-        found = _cone(gm, y)
+        found = _cone(gm, y) or _single_call(y)
         if found is None:
             continue
         x, nodes = found

@@ -167,7 +167,8 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
         cur = path.node
         gathered_or_dropped = path.index is not None or path.dropout is not None
         for u in cur.users:
-            if is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output" or links.reads_metadata_only(u, cur):
+            if is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output" or links.reads_metadata_only(u, cur) \
+                    or links.keeps_nothing(gm, u, cur):
                 continue  # keeps nothing
             if links.is_noop_cast(u, cur):
                 todo.append(replace(path, node=u))  # cur itself: y_hat needs no cast
