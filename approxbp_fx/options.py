@@ -19,7 +19,8 @@ class Options:
     tensors exact backwards keep (ReLU/LeakyReLU/ReLU6/Hardtanh/clamp). ``weight_casts``: linears under
     autocast keep their parameter instead of its half-precision copy (exact). ``input_casts``: linears whose
     input is an exact widening cast (bf16 -> float32) keep the narrow tensor and cast it again (exact).
-    ``inner``: what compiles the
+    ``splits``: a kept part of a split tensor (a fused projection's v) gets storage of its own, so the
+    parts nobody keeps are freed (exact). ``inner``: what compiles the
     rewritten graph (a name in ``approxbp_fx.inners.INNERS``). ``verify``: check the rewritten forward against the original
     on the example inputs. ``bits``: bits per element of the activations' step-derivative code (1, 2 or
     3); 2 uses the paper's ReGELU2/ReSiLU2 constants, other widths and activations without paper
@@ -30,6 +31,7 @@ class Options:
     masks: bool = True
     weight_casts: bool = True
     input_casts: bool = True
+    splits: bool = True
     inner: str = "inductor"
     verify: bool = True
     bits: int = 2

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import activations, dropout, linears, norms
+from . import activations, dropout, linears, norms, splits
 from ._edit import Candidate, GraphEdit
 
-__all__ = ["FAMILIES", "Candidate", "GraphEdit", "activations", "dropout", "linears", "norms"]
+__all__ = ["FAMILIES", "Candidate", "GraphEdit", "activations", "dropout", "linears", "norms", "splits"]
 
 # norms first: an activation after a shared linear then reads the rewritten linear's output, and a
 # dropout between a norm and its linears belongs to the norm's site (the dropout family takes the rest)
-# linears last: a linear another family rewrote (linear_shared casts inside already) is not rewritten again
-FAMILIES: list[ModuleType] = [norms, dropout, activations, linears]
+# linears after them: a linear another family rewrote (linear_shared casts inside already) is not rewritten
+# again; splits last: it copies parts of tensors that the other families' sites read
+FAMILIES: list[ModuleType] = [norms, dropout, activations, linears, splits]

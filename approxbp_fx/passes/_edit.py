@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from ..report import Site
@@ -92,6 +93,19 @@ class GraphEdit:
         n = self.graph.node_copy(self.node(original), arg_transform)
         n.meta[SITE_KEY] = self.site
         return n
+
+    def own_storage(self, original: fx.Node) -> fx.Node:
+        """Every use of ``original`` (a view) now reads a contiguous copy of it made right after it: whatever
+        keeps the copy for backward no longer pins the view's whole base storage."""
+        old = self.node(original)
+        with self.graph.inserting_after(old):
+            new = self.graph.call_method("clone", (old,), {"memory_format": torch.contiguous_format})
+        new.meta[SITE_KEY] = self.site
+        new.meta.update({k: old.meta[k] for k in _KEPT_META if k in old.meta})
+        old.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        self._replaced[old] = new
+        self.replacements[new] = (original.name, self.site)
+        return new
 
     def replace(self, original: fx.Node, new: fx.Node) -> None:
         """Every use of ``original`` now reads ``new``; ``original`` is removed once nothing uses it."""

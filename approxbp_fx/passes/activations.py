@@ -37,7 +37,8 @@ from ..inners import get_inner
 from ..ops.activations import ACTIVATIONS, Activation, StepDerivative, exact_in, step_for
 from ..options import Options
 from ._edit import Candidate, GraphEdit
-from ._graph import LINEAR_FUNCTIONS, module_path, requires_grad, target_module, topological, value
+from ._graph import module_path, target_module, topological, value
+from ._keeps import is_view, keeps, keeps_output, kept_siblings, through_views
 
 __all__ = ["FAMILY", "OPTIONS", "MASKS", "find"]
 
@@ -226,20 +227,26 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
         else:
             reason = ""
         step, source = step_for(act.name, options.bits) if not reason else (None, "")
+        siblings = [] if reason else kept_siblings(gm, x, nodes)
+        if siblings:
+            pattern += f" (split: {len(siblings)} other part(s) copied)"
         candidates.append(Candidate(
             FAMILY, y.name, module_path(y), pattern,
             bytes_saved=_saved_bytes_estimate(x, step) if step else 0, skip=reason,
             constants="" if step is None else (
                 f"{source} {options.bits}-bit: thresholds {tuple(round(v, 4) for v in step.thresholds)}, "
                 f"levels {tuple(round(v, 4) for v in step.levels)}"),
-            apply=lambda edit, y=y, x=x, nodes=nodes, native=native, step=step: _apply(edit, y, x, nodes, native, step),
-            replaces=(y,)))
+            apply=lambda edit, y=y, x=x, nodes=nodes, native=native, step=step, siblings=siblings: _apply(
+                edit, y, x, nodes, native, step, siblings),
+            replaces=(y, *siblings)))
     candidates.reverse()  # graph order, as the report lists them
     return candidates
 
 
 def _apply(edit: GraphEdit, y: fx.Node, x: fx.Node, nodes: list[fx.Node], native: str | None,
-           step: StepDerivative) -> None:
+           step: StepDerivative, siblings: list[fx.Node] = ()) -> None:
+    for part in siblings:
+        edit.own_storage(part)
     thresholds, levels = list(step.thresholds), list(step.levels)
     with edit.inserting_before(y):
         if native is not None:
@@ -256,30 +263,6 @@ def _apply(edit: GraphEdit, y: fx.Node, x: fx.Node, nodes: list[fx.Node], native
 
 
 # --- exact sites: piecewise-linear activations with a 1-bit mask ----------------------------------
-
-# Ops that alias (or, for casts and reshape, may alias) their input: whoever keeps a view keeps the storage.
-_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
-                 "expand", "expand_as", "view_as", "reshape_as", "contiguous", "t", "narrow", "split", "chunk",
-                 "unbind", "to", "type", "float", "half", "bfloat16", "double", "detach"}
-_VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                   torch.narrow, torch.split, torch.chunk, torch.unbind, torch.t, torch.movedim, torch.detach,
-                   operator.getitem}
-# Ops whose backward keeps nothing of their inputs
-_KEEP_NOTHING_FUNCTIONS = {operator.add, operator.sub, operator.neg, operator.iadd, torch.add, torch.sub, torch.neg,
-                           torch.cat, torch.stack, torch.sum, torch.mean, torch.clone, F.pad}
-_KEEP_NOTHING_METHODS = {"add", "sub", "neg", "__add__", "__radd__", "__sub__", "sum", "mean", "clone"}
-_KEEP_NOTHING_MODULES = (nn.Identity,)
-_DROPOUT_FUNCTIONS, _DROPOUT_MODULES = {F.dropout, torch.dropout}, (nn.Dropout,)
-# Ops that keep their own output for backward: an input they produce is kept whatever its consumer does
-_OUTPUT_KEEPERS = {torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.softmax,
-                   F.softmax, F.log_softmax, torch.sqrt, torch.rsqrt}
-_OUTPUT_KEEPER_METHODS = {"relu", "sigmoid", "tanh", "exp", "softmax", "log_softmax", "sqrt", "rsqrt"}
-_OUTPUT_KEEPER_MODULES = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LogSoftmax)
-_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
-_MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
-_MUL_FUNCTIONS, _MUL_METHODS = {operator.mul, torch.mul}, {"mul", "__mul__", "__rmul__"}
-_DIV_FUNCTIONS, _DIV_METHODS = {operator.truediv, torch.div}, {"div", "__truediv__"}
-
 
 def _spelled_as(gm: fx.GraphModule, node: fx.Node, act: Activation) -> bool:
     if node.op == "call_function":
@@ -315,90 +298,19 @@ def _exact_site(gm: fx.GraphModule, y: fx.Node) -> tuple[Activation, fx.Node, tu
     return None
 
 
-def _is_view(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _VIEW_FUNCTIONS) or (
-        n.op == "call_method" and n.target in _VIEW_METHODS)
-
-
-_TRAINED_LINEAR = "a linear whose weight is trained"
-
-
-def _through_views(gm: fx.GraphModule, n: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
-    """(tensor, user) for every user of n that is not a view, following views of n."""
-    out, stack = [], [n]
-    while stack:
-        t = stack.pop()
-        for u in t.users:
-            if _is_view(gm, u):
-                stack.append(u)
-            else:
-                out.append((t, u))
-    return out
-
-
-def _keeps(gm: fx.GraphModule, u: fx.Node, t: fx.Node) -> str | None:
-    """Why ``u``'s backward keeps its input ``t`` (None: it keeps nothing of it; "?" unknown)."""
-    def other(args: tuple) -> list[object]:
-        return [a for a in args[:2] if a is not t]
-
-    if u.op == "output":
-        return None
-    if (u.op == "call_function" and u.target in _DROPOUT_FUNCTIONS) or (
-            u.op == "call_module" and isinstance(target_module(gm, u), _DROPOUT_MODULES)):
-        # A dropout keeps its mask, not its input; but the dropout family (same option) makes a trained
-        # linear after it keep dropout's input instead of its output (measured on T5 with dropout 0.1:
-        # relu masks there only added their own bytes)
-        if any(_keeps(gm, v, w) == _TRAINED_LINEAR for w, v in _through_views(gm, u)):
-            return "a dropout whose trained linear keeps the dropout's input"
-        return None
-    if u.op == "call_module":
-        mod = target_module(gm, u)
-        if isinstance(mod, _KEEP_NOTHING_MODULES):
-            return None
-        if isinstance(mod, nn.Linear):
-            return _TRAINED_LINEAR if mod.weight.requires_grad else None
-        return "?"
-    fn = u.target
-    is_fn, is_method = u.op == "call_function", u.op == "call_method"
-    if (is_fn and fn in _KEEP_NOTHING_FUNCTIONS) or (is_method and fn in _KEEP_NOTHING_METHODS):
-        return None
-    if is_fn and fn in LINEAR_FUNCTIONS:
-        weight = u.args[1] if len(u.args) > 1 else u.kwargs.get("weight")
-        if u.args and u.args[0] is t and weight is not t:
-            return _TRAINED_LINEAR if requires_grad(gm, weight) else None
-        return "a linear"
-    if (is_fn and fn in _MATMUL_FUNCTIONS) or (is_method and fn in _MATMUL_METHODS):
-        others = other(u.args)
-        if len(others) == 1 and not requires_grad(gm, others[0]):
-            return None
-        return "a matmul whose other operand needs a gradient"
-    if (is_fn and fn in _MUL_FUNCTIONS) or (is_method and fn in _MUL_METHODS):
-        others = other(u.args)
-        if len(others) == 1 and not requires_grad(gm, others[0]):
-            return None
-        return "a multiply by a tensor that needs a gradient"
-    if (is_fn and fn in _DIV_FUNCTIONS) or (is_method and fn in _DIV_METHODS):
-        if u.args and u.args[0] is t and u.args[1] is not t and not requires_grad(gm, u.args[1]):
-            return None
-        return "a division"
-    return "?"
-
-
 def _kept_anyway(gm: fx.GraphModule, site: fx.Node, kept: fx.Node, what: str) -> str:
     """Why ``kept`` (the tensor torch's op keeps: its input or output) stays saved for backward without
     the site, or "" when nothing else keeps it. Views and casts of it count as it; an op this does not know
     counts as keeping it (a mask that saves nothing would only cost its own bytes and time)."""
     base = kept
-    while _is_view(gm, base) and isinstance(base.args[0], fx.Node):
+    while is_view(gm, base) and isinstance(base.args[0], fx.Node):
         base = base.args[0]
-    if base is not site and ((base.op == "call_function" and base.target in _OUTPUT_KEEPERS) or (
-            base.op == "call_method" and base.target in _OUTPUT_KEEPER_METHODS) or (
-            base.op == "call_module" and isinstance(target_module(gm, base), _OUTPUT_KEEPER_MODULES))):
+    if base is not site and keeps_output(gm, base):
         return f"its {what} is kept anyway by {base.name}, whose backward reads its own output; a mask would save nothing"
-    for n, u in _through_views(gm, base):
+    for n, u in through_views(gm, base):
         if u is site:
             continue
-        why = _keeps(gm, u, n)
+        why = keeps(gm, u, n)
         if why == "?":
             target = u.target if u.op != "call_function" else getattr(u.target, "__name__", u.target)
             return (f"its {what} also feeds {u.name} ({target}), which may keep it for backward; a mask might "
