@@ -79,11 +79,12 @@ SMOKE = {"vit-b16": _vit(32, 8, hidden=64, layers=1, heads=2, mlp=256, batch=2)}
 LORA_QV = {"vit": ["q_proj", "v_proj"], "roberta": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
 
-def build_model(g: Geometry, tuning: str, seed: int = 0) -> nn.Module:
+def build_model(g: Geometry, tuning: str, seed: int = 0, precision: str = "fp32") -> nn.Module:
     """A randomly initialised HF model of geometry ``g`` in train mode, dropout 0; LoRA (r 8) through peft
     for ``tuning`` in {"lora-qv", "lora-all"}; every norm's affine randomized (a folding bug cannot hide).
     A ``+dropout`` suffix (``full+dropout``, ``lora-all+dropout``) sets HF's default dropout 0.1: hidden and
-    attention dropout (RoBERTa, ViT), and ``lora_dropout``."""
+    attention dropout (RoBERTa, ViT), and ``lora_dropout``. ``precision="bf16w"``: the model's weights in
+    bf16 (a bf16 checkpoint), PEFT's adapters in float32 as PEFT keeps them, no autocast."""
     import transformers as tf
 
     dropout = 0.1 if tuning.endswith("+dropout") else 0.0
@@ -118,7 +119,9 @@ def build_model(g: Geometry, tuning: str, seed: int = 0) -> nn.Module:
                     t = getattr(m, name, None)
                     if isinstance(t, Tensor):
                         t.copy_(torch.rand(t.shape, generator=gen) + lo)
-    model = model.float().train()
+    if precision == "bf16w" and g.family == "vit":
+        raise ValueError("bf16w rows take token inputs; ViT's pixel values would need a cast")
+    model = (model.to(torch.bfloat16) if precision == "bf16w" else model.float()).train()
     if tuning == "full":
         return model
     from peft import LoraConfig, get_peft_model
@@ -299,7 +302,7 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one training step of one configuration (this process runs nothing else)."""
     g, device, amp = Geometry(**spec["geometry"]), spec["device"], amp_context(spec["device"], spec["precision"])
     cfg = CONFIG_BY_NAME[spec["config"]]
-    model = build_model(g, spec["tuning"]).to(device)
+    model = build_model(g, spec["tuning"], precision=spec["precision"]).to(device)
     inputs = make_inputs(g, device)
     opt = make_optimizer(model)
     fn = configure(model, cfg)
@@ -353,7 +356,7 @@ def measure_timing(spec: dict[str, Any]) -> dict[str, Any]:
 
     g, device = Geometry(**spec["geometry"]), spec["device"]
     amp = amp_context(device, spec["precision"])
-    base = build_model(g, spec["tuning"]).to(device)
+    base = build_model(g, spec["tuning"], precision=spec["precision"]).to(device)
     inputs = make_inputs(g, device)
     opt = make_optimizer(base)
     out: dict[str, Any] = {"configs": {}, "errors": {}}

@@ -50,19 +50,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
-from architectures import MODELS, Runs, rel_l2  # noqa: E402
+from architectures import MODELS, RECIPES, Runs, rel_l2  # noqa: E402
 
 LABELS = {
     "gpt2": "GPT-2 (LM head)", "llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma",
     "roberta": "RoBERTa (seq. cls.)", "bert": "BERT (seq. cls.)", "vit": "ViT (image cls.)",
     "lora_vit": "LoRA(q, v) ViT", "lora_llama": "LoRA(q, v) LLaMA",
     "lora_all_vit": "LoRA(all linear) ViT", "lora_all_llama": "LoRA(all linear) LLaMA",
+    "bf16_lora_llama": "LoRA(all linear) LLaMA, 4 x 64 tokens", "qlora_llama": "QLoRA LLaMA, 4 x 64 tokens",
 }
+# the recipes run as loaded: their own dtypes, no autocast
+RECIPE_DTYPES = {"bf16_lora_llama": "bf16 weights, fp32 adapters", "qlora_llama": "nf4 (bitsandbytes), fp32 adapters"}
 PRECISION_LABELS = {"fp32": "fp32", "autocast": "bf16 autocast", "bf16": "bf16 weights"}
 DEFAULT_ROWS = [(name, "fp32") for name in MODELS] + [
     ("vit", "autocast"), ("llama", "autocast"), ("gpt2", "autocast"), ("lora_vit", "autocast"),
     ("lora_llama", "autocast"), ("llama", "bf16"),
-]
+] + [(name, "fp32") for name in RECIPES]
 STUDY = {"approxbp": "all", "approxbp_exact": "norms only", "approxbp_no_norms": "activations only"}
 # plain GELU (GPT-2), gated GELU (Gemma's GeGLU), gated SiLU (LLaMA's SwiGLU)
 STUDY_ROWS = [("gpt2", "fp32"), ("gemma", "fp32"), ("llama", "fp32"), ("llama", "autocast")]
@@ -84,7 +87,8 @@ def coverage_table(runs: Runs, rows: list[tuple[str, str]], inners: list[str]) -
             ratios.append(f"{ours.saved_bytes / base.saved_bytes:.2f}")
             baselines.append(_mib(base.saved_bytes))
             errors.append(f"{rel_l2(ours.out, runs.get(name, 'eager', precision=precision).out):.1e}")
-        lines.append(f"| {LABELS[name]} | {PRECISION_LABELS[precision]} | " + " | ".join(ratios)
+        dtype = RECIPE_DTYPES.get(name, PRECISION_LABELS[precision])
+        lines.append(f"| {LABELS[name]} | {dtype} | " + " | ".join(ratios)
                      + f" | {' / '.join(baselines)} | {' / '.join(errors)} |")
     return "\n".join(lines)
 
@@ -226,7 +230,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 4096
     start = time.perf_counter()
-    runs = Runs()
+    runs = Runs(models={**MODELS, **RECIPES})
     rows = [(n, "fp32") for n in args.models] if args.models else DEFAULT_ROWS
     tables = coverage_table(runs, rows, args.inners)
     if not args.no_study:

@@ -7,8 +7,8 @@ gradient checkpointing. Writes BENCHMARKS.md and benchmarks/results/*.png.
     python benchmarks/run.py --device cuda --quick         # on a GPU: full-size geometries, the quick rows
     python benchmarks/run.py --quick --only 'vit-b16/full' # rows whose name matches a regex
 
-Rows are named ``geometry/tuning/precision`` (tuning: full, lora-qv, lora-all; precision: fp32 or bf16
-autocast; a ``+dropout`` tuning sets dropout 0.1 where the others have none). Per row, each configuration is
+Rows are named ``geometry/tuning/precision`` (tuning: full, lora-qv, lora-all; precision: fp32, bf16
+autocast, or bf16w: bf16 weights with PEFT's float32 adapters and no autocast; a ``+dropout`` tuning sets dropout 0.1 where the others have none). Per row, each configuration is
 measured for:
 
 * bytes saved for backward by one forward (``approxbp_fx.saved_tensors``: unique storages, parameters
@@ -72,7 +72,7 @@ CKPT = ["eager", "eager+approxbp", "checkpointing", "checkpointing+approxbp"]
 class Row:
     geometry: str
     tuning: str  # full | lora-qv | lora-all
-    precision: str  # fp32 | bf16
+    precision: str  # fp32 | bf16 (autocast) | bf16w (bf16 weights, float32 adapters)
     configs: list[str]
 
     @property
@@ -91,6 +91,8 @@ def plan(preset: str, device: str) -> tuple[dict[str, Any], list[Row], dict[str,
             Row("vit-b16", "full", "fp32", ALL),
             Row("vit-b16", "lora-qv", "bf16", CKPT),
             Row("llama", "lora-all", "bf16", PAIRS),
+            # a bf16 checkpoint with PEFT's float32 adapters: each adapter casts its input up
+            Row("llama", "lora-all", "bf16w", PAIRS),
             Row("vit-b16", "full", "bf16", PAIRS),
             Row("gpt2-small", "full", "fp32", EAGER_PAIR),
             Row("roberta-base", "full", "fp32", EAGER_PAIR),
@@ -223,6 +225,15 @@ def acceptance(derived_by_row: dict[str, dict[str, dict[str, Any]]]) -> list[tup
             for conf, limit in (("torch.compile+approxbp", 1.05), ("eager+approxbp", 1.10)):
                 if conf in derived_by_row[row]:
                     check(f"{conf} step time / without approxbp", row, get(row, conf, "time_vs_partner"), limit)
+        if prec == "bf16w":
+            # a bf16 checkpoint with PEFT's float32 adapters: the recipe most people run on a small GPU
+            check("eager+approxbp bytes / eager", row, get(row, "eager+approxbp", "saved_vs_partner"), 0.60)
+            check("torch.compile+approxbp bytes / torch.compile", row,
+                  get(row, "torch.compile+approxbp", "saved_vs_partner"), 0.95)
+            check("eager+approxbp step time / eager (bf16 weights)", row, get(row, "eager+approxbp", "time_vs_partner"),
+                  1.05)
+            check("torch.compile+approxbp step time / torch.compile (bf16 weights)", row,
+                  get(row, "torch.compile+approxbp", "time_vs_partner"), 1.00)
         if row == "vit-b16/lora-qv/bf16":
             # The step's own peak (above the RSS just before it): the whole-process peak also counts the
             # interpreter and libraries, and approxbp's process has inductor loaded for its kernels

@@ -231,6 +231,42 @@ def with_lora(model: nn.Module, target_modules, seed: int = 2, dropout: float = 
 
 QV = ["q_proj", "v_proj"]
 ALL_LINEAR = "all-linear"
+RECIPE_TOKENS = 64  # the real-recipe models are measured at 4 x 64 tokens
+
+
+def bf16_lora_llama(seed: int = 0) -> nn.Module:
+    """A bf16 LLaMA (a bf16 checkpoint) with PEFT LoRA on all linears, the adapters in float32 as PEFT keeps
+    them: each adapted projection casts its bf16 input up. Run without autocast."""
+    model = with_lora(llama(seed).to(torch.bfloat16), ALL_LINEAR)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    return model
+
+
+def qlora_llama(seed: int = 0) -> nn.Module:
+    """QLoRA: the LLaMA's linears loaded in 4-bit NF4 through bitsandbytes (on the CPU), everything else in
+    bf16, PEFT LoRA on all linears in float32. Needs bitsandbytes."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as checkpoint:
+        llama(seed).save_pretrained(checkpoint)
+        base = LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=torch.bfloat16,
+                                                device_map="cpu")
+    return with_lora(base, ALL_LINEAR).train()
+
+
+def recipe_inputs(seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, VOCAB, (BATCH, RECIPE_TOKENS), generator=g)}
+
+
+# The recipes people run on small GPUs, measured as built (precision "fp32": no conversion)
+RECIPES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Tensor]]]] = {
+    "bf16_lora_llama": (bf16_lora_llama, recipe_inputs),
+    "qlora_llama": (qlora_llama, recipe_inputs),
+}
 
 # name -> (builder, inputs)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Tensor]]]] = {

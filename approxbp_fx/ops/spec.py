@@ -6,6 +6,10 @@ what backward keeps (``setup``) and the backward. ``define_op`` generates from i
 * the ``torch.library`` custom op (``register_fake``, ``register_autograd``): opaque to AOTAutograd, so
   its partitioner cannot change what backward keeps. Used by the eager and aot_eager inners and by
   users calling the ops directly.
+* an eager ``torch.autograd.Function`` running the same forward as the custom op, for the eager inner:
+  without a tracer, what its ``setup`` saves is what backward keeps, and an autograd.Function costs less
+  per call than a custom op's Python dispatch (measured: 4.5 vs 5.0 ms forward and backward of a
+  [1040, 256] x [256, 256] linear_shared on the CPU, where F.linear takes 4.1 ms).
 * a traceable ``torch.autograd.Function`` with the same forward, setup and backward, for inners that
   fuse across op boundaries (inductor). AOTAutograd traces through it, so the forward marks, by region
   tags in ``node.meta["custom"]``, which of its values backward must keep (``SAVED``) and which it
@@ -29,7 +33,7 @@ import torch
 
 from .._compat import annotate
 
-__all__ = ["OpSpec", "Form", "OPAQUE", "SAVED", "RECOMPUTE", "TAG", "define_op", "traceable_forms"]
+__all__ = ["OpSpec", "Form", "OPAQUE", "SAVED", "RECOMPUTE", "TAG", "define_op", "traceable_forms", "eager_forms"]
 
 #: Key of the region tags in ``node.meta["custom"]``.
 TAG = "approxbp"
@@ -74,11 +78,44 @@ class OpSpec:
 
 # op overload -> traceable function taking the op's arguments and a region name last
 _TRACEABLE: dict[Any, Callable[..., Any]] = {}
+# op overload -> eager autograd.Function taking the op's arguments
+_EAGER: dict[Any, Callable[..., Any]] = {}
 
 
 def traceable_forms() -> dict[Any, Callable[..., Any]]:
     """{custom op overload: its traceable form}, for every op defined so far."""
     return dict(_TRACEABLE)
+
+
+def eager_forms() -> dict[Any, Callable[..., Any]]:
+    """{custom op overload: its eager autograd.Function's apply}, for every op defined so far."""
+    return dict(_EAGER)
+
+
+def _function(spec: OpSpec, traced: bool) -> type[torch.autograd.Function]:
+    """The op as an autograd.Function: traced (tags, and a region name as the last argument) or eager (the
+    custom op's own forward)."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *args: Any) -> Any:
+            if traced:
+                *inputs, region = args
+                out = spec.forward(Form(traced=True, region=region), *inputs)
+            else:
+                inputs, out = args, spec.forward(OPAQUE, *args)
+            spec.setup(ctx, tuple(inputs), out)
+            if traced and spec.traced_non_differentiable:
+                ctx.mark_non_differentiable(*(out[i] for i in spec.traced_non_differentiable))
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+            grads_in = spec.backward(ctx, *grads)
+            return (*grads_in, None) if traced else grads_in  # no gradient for the region name
+
+    Function.__name__ = Function.__qualname__ = spec.name.split("::")[-1] + ("_traced" if traced else "_eager")
+    return Function
 
 
 def define_op(spec: OpSpec) -> Any:
@@ -87,24 +124,21 @@ def define_op(spec: OpSpec) -> Any:
                                  schema=spec.schema)
     op.register_fake(spec.fake)
     op.register_autograd(spec.backward, setup_context=spec.setup)
-    if not spec.traceable:
-        return op
-
-    class Traced(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, *args: Any) -> Any:
-            *inputs, region = args
-            out = spec.forward(Form(traced=True, region=region), *inputs)
-            spec.setup(ctx, tuple(inputs), out)
-            if spec.traced_non_differentiable:
-                ctx.mark_non_differentiable(*(out[i] for i in spec.traced_non_differentiable))
-            return out
-
-        @staticmethod
-        def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
-            return (*spec.backward(ctx, *grads), None)  # no gradient for the region name
-
-    Traced.__name__ = Traced.__qualname__ = spec.name.split("::")[-1] + "_traced"
     namespace, name = spec.name.split("::")
-    _TRACEABLE[getattr(getattr(torch.ops, namespace), name).default] = Traced.apply
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    _EAGER[overload] = _callable(_function(spec, traced=False))
+    if spec.traceable:
+        _TRACEABLE[overload] = _function(spec, traced=True).apply
     return op
+
+
+def _callable(function: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """``function.apply`` as a plain function of this module: fx's code generation takes an inherited
+    ``apply`` for an attribute of ``torch.autograd.function``."""
+    apply = function.apply
+
+    def call(*args: Any) -> Any:
+        return apply(*args)
+
+    call.__name__ = call.__qualname__ = function.__name__
+    return call
