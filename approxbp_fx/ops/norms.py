@@ -328,20 +328,19 @@ def _linear_backward(
     norm_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """grad is [rows, out], y_hat [rows, in] (before ``index``); matmuls in ``compute_dtype``."""
-    grad_z = grad_w = grad_b = None
+    grad_z = grad_w = None
     grad = grad.to(compute_dtype)
+    grad_b = grad.sum(0) if need_b else None
     if need_z:
         w = weight.to(compute_dtype)
         grad_z = grad @ w.t() if transposed else grad @ w
     if need_w and _affine_in_weight_space(grad, y_hat, norm_weight, norm_bias, z_dtype, index, mask, mask_scale,
                                           norm_dtype):
-        grad_w = _weight_grad_of_affine(grad, y_hat, norm_weight, norm_bias, offset, transposed)
+        grad_w = _weight_grad_of_affine(grad, y_hat, norm_weight, norm_bias, offset, transposed, grad_b)
     elif need_w:
         z = rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale,
                           norm_dtype).to(compute_dtype)
         grad_w = z.t() @ grad if transposed else grad.t() @ z
-    if need_b:
-        grad_b = grad.sum(0)
     return grad_z, grad_w, grad_b
 
 
@@ -359,7 +358,7 @@ def _affine_in_weight_space(
 
 
 def _weight_grad_of_affine(grad: Tensor, y_hat: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-                           offset: float, transposed: bool) -> Tensor:
+                           offset: float, transposed: bool, grad_sum: Tensor | None = None) -> Tensor:
     """``grad^T z`` for z = y_hat * (w + offset) + b without z: ``(grad^T y_hat) * (w + offset) + outer(sum
     grad, b)``, work on the weight's size instead of a new input-sized tensor per linear (equal to
     rounding; measured on a ViT layer, each rebuilt z took longer than the matmul's share it saves)."""
@@ -368,10 +367,11 @@ def _weight_grad_of_affine(grad: Tensor, y_hat: Tensor, norm_weight: Tensor | No
         w = norm_weight + offset if offset else norm_weight
         grad_w.mul_(w[:, None] if transposed else w)
     if norm_bias is not None:
+        grad_sum = grad.sum(0) if grad_sum is None else grad_sum  # the linear's own bias gradient, if it has one
         if transposed:
-            grad_w.addr_(norm_bias, grad.sum(0))
+            grad_w.addr_(norm_bias, grad_sum)
         else:
-            grad_w.addr_(grad.sum(0), norm_bias)
+            grad_w.addr_(grad_sum, norm_bias)
     return grad_w
 
 
