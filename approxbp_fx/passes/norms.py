@@ -16,9 +16,10 @@ reported and left alone.
 
 A norm is rewritten only when every consumer of its output is a linear layer (``linear``, nn.Linear,
 GPT-2's ``addmm``) or a grouped matmul (a mixture-of-experts' experts), or an op that keeps nothing of it
-(add, ``zeros_like``), and at least one of those layers would keep its own copy (its weight needs a
-gradient). On the way a layer may read the output through views and no-op casts, a row gather and a
-training dropout, in that order (``_norm_consumers.py``):
+(add, ``zeros_like``, a bitsandbytes 4-bit layer: ``_norm_consumers.keeps_nothing``), and at least one of those layers would keep its own copy (its weight needs a
+gradient). On the way a layer may read the output through views and casts (no-op, or exact widening casts
+such as PEFT's ``z.to(float32)`` before a float32 adapter: backward casts the rebuilt bf16 output again),
+a row gather and a training dropout, in that order (``_norm_consumers.py``):
 
     before:  rows = z.view(-1, D)[idx]; e = grouped_mm(rows, W, offs)      keeps rows (a gathered copy)
              a = linear(dropout(z, p), A)                                  keeps dropout's output and mask
@@ -178,7 +179,7 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
                     # backward rebuilds in the order affine, cast, scale or mask: not the other way round
                     return consumers, f"cast {u.name} follows a dropout or a scale of the output", dropouts
                 # exact: backward casts the rebuilt output again (a PEFT adapter's float32 upcast)
-                todo.append(replace(path, node=u, norm_dtype=path.norm_dtype or zv.dtype))
+                todo.append(replace(path, node=u, norm_dtype=path.norm_dtype or value(cur).dtype))
                 continue
             if (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_basic_index(u)) and u.args[0] is cur:
                 if not gathered_or_dropped:
