@@ -71,11 +71,13 @@ register_inner(Inner(
 def _compile_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
     """The graph itself, its custom-op calls swapped for the ops' eager autograd.Functions: no tracer runs,
     so what each one saves is what backward keeps, at less cost per call than a custom op's dispatch."""
+    from ..driver import copy_graph_module
     from ..ops.spec import eager_forms
 
     forms = eager_forms()
+    gm, _ = copy_graph_module(gm)  # the report's rewritten graph keeps the custom ops users can read
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in forms:
+        if n.op == "call_function" and n.target in forms and not n.kwargs:
             n.target = forms[n.target]
     gm.recompile()
     return gm

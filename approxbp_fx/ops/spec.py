@@ -1,11 +1,11 @@
-"""One definition per op, two generated forms: an opaque custom op and a traceable autograd.Function.
+"""One definition per op, three generated forms: an opaque custom op and two autograd.Functions.
 
 An op is written once, as an ``OpSpec`` beside its kernel: the forward body, the fake (shape) function,
 what backward keeps (``setup``) and the backward. ``define_op`` generates from it
 
 * the ``torch.library`` custom op (``register_fake``, ``register_autograd``): opaque to AOTAutograd, so
-  its partitioner cannot change what backward keeps. Used by the eager and aot_eager inners and by
-  users calling the ops directly.
+  its partitioner cannot change what backward keeps. What the passes write into graphs, what the
+  aot_eager inner runs, and what users call directly.
 * an eager ``torch.autograd.Function`` running the same forward as the custom op, for the eager inner:
   without a tracer, what its ``setup`` saves is what backward keeps, and an autograd.Function costs less
   per call than a custom op's Python dispatch (measured: 4.5 vs 5.0 ms forward and backward of a
@@ -15,7 +15,7 @@ what backward keeps (``setup``) and the backward. ``define_op`` generates from i
   tags in ``node.meta["custom"]``, which of its values backward must keep (``SAVED``) and which it
   should rebuild (``RECOMPUTE``); a partitioner that reads the tags keeps the op's saved set.
 
-    forward(form, *args)   form.traced: False for the custom op, True for the traceable form
+    forward(form, *args)   form.traced: False for the custom op and the eager form, True for the traceable one
                            with form.tag(SAVED): ...       values leaving this block are kept
                            with form.tag(RECOMPUTE): ...   values rebuilt in backward
 
@@ -71,7 +71,7 @@ class OpSpec:
     setup: Callable[[Any, tuple[Any, ...], Any], None]
     backward: Callable[..., tuple[Any, ...]]
     traced_non_differentiable: tuple[int, ...] = ()
-    #: False: the op has no traceable form and stays opaque under every inner (a body with a
+    #: False: the op has no traceable form and stays opaque under the tracing inners (a body with a
     #: data-dependent loop, such as a grouped matmul over per-expert row counts, cannot be traced)
     traceable: bool = True
 
@@ -119,7 +119,8 @@ def _function(spec: OpSpec, traced: bool) -> type[torch.autograd.Function]:
 
 
 def define_op(spec: OpSpec) -> Any:
-    """Register ``spec`` as a custom op and its traceable twin; returns the custom op (a CustomOpDef)."""
+    """Register ``spec`` as a custom op, its eager and (where ``spec.traceable``) traceable forms; returns the
+    custom op (a CustomOpDef)."""
     op = torch.library.custom_op(spec.name, lambda *args: spec.forward(OPAQUE, *args), mutates_args=(),
                                  schema=spec.schema)
     op.register_fake(spec.fake)

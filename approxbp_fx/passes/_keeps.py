@@ -15,11 +15,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._graph import LINEAR_FUNCTIONS, is_basic_index, requires_grad, target_module
+from ._graph import LINEAR_FUNCTIONS, is_basic_index, requires_grad, target_module, value
 
 __all__ = ["is_view", "through_views", "keeps", "TRAINED_LINEAR", "OUTPUT_KEEPERS", "OUTPUT_KEEPER_METHODS",
-           "OUTPUT_KEEPER_MODULES", "is_split", "parts_of", "pinned_base", "kept_parts", "kept_siblings",
-           "keeps_output"]
+           "OUTPUT_KEEPER_MODULES", "is_split", "parts_of", "split_site", "kept_siblings", "keeps_output"]
 
 # Ops that alias (or, for casts and reshape, may alias) their input: whoever keeps a view keeps the storage.
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
@@ -43,7 +42,6 @@ _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
 _MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
 _MUL_FUNCTIONS, _MUL_METHODS = {operator.mul, torch.mul}, {"mul", "__mul__", "__rmul__"}
 _DIV_FUNCTIONS, _DIV_METHODS = {operator.truediv, torch.div}, {"div", "__truediv__"}
-
 
 
 def is_view(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -115,7 +113,6 @@ def keeps(gm: fx.GraphModule, u: fx.Node, t: fx.Node) -> str | None:
     return "?"
 
 
-
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
 
@@ -126,8 +123,11 @@ def is_split(n: fx.Node) -> bool:
 
 
 def parts_of(base: fx.Node) -> list[fx.Node] | None:
-    """The parts of ``base`` its readers take: the items of a ``chunk``/``split``/``unbind`` and basic
-    slices; None when a reader does anything else with the whole tensor."""
+    """The parts of the tensor ``base`` its readers take: the items of a ``chunk``/``split``/``unbind`` and
+    basic slices; None when a reader does anything else with the whole tensor, or base is no tensor (the
+    items of an op returning a tuple share no storage)."""
+    if not isinstance(value(base), torch.Tensor):
+        return None
     parts = []
     for r in base.users:
         if is_split(r) and r.args and r.args[0] is base:
@@ -141,35 +141,45 @@ def parts_of(base: fx.Node) -> list[fx.Node] | None:
     return parts
 
 
-def pinned_base(gm: fx.GraphModule, base: fx.Node) -> bool:
-    """Whether base's storage lives on whatever its parts do: a graph input or attribute, or the output of
-    an op whose backward reads it."""
-    return base.op in ("placeholder", "get_attr") or keeps_output(gm, base)
+def _pinned(gm: fx.GraphModule, base: fx.Node) -> bool:
+    """Whether base's storage lives on whatever its parts do: a graph input or attribute, a view of some
+    other tensor (whose other readers may hold it), or the output of an op whose backward reads it."""
+    return base.op in ("placeholder", "get_attr") or is_view(gm, base) or keeps_output(gm, base)
 
 
-def kept_parts(gm: fx.GraphModule, parts: list[fx.Node]) -> list[fx.Node]:
-    """The parts some reader (through views) may keep for backward."""
-    return [p for p in parts if any(keeps(gm, u, t) is not None for t, u in through_views(gm, p))]
+def _holds(gm: fx.GraphModule, part: fx.Node) -> bool:
+    """Whether something holds ``part`` (through views) past the forward: a reader may keep it for
+    backward, or it is returned from the graph."""
+    return any(u.op == "output" or keeps(gm, u, t) is not None for t, u in through_views(gm, part))
+
+
+def split_site(gm: fx.GraphModule, base: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """(parts, held parts) of a tensor that is only taken apart and whose storage nothing else pins; None
+    otherwise. Copying the held parts frees base once the others are done with."""
+    parts = parts_of(base) if base.op in ("call_function", "call_method", "call_module") else None
+    if not parts or _pinned(gm, base):
+        return None
+    return parts, [p for p in parts if _holds(gm, p)]
 
 
 def kept_siblings(gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node]) -> list[fx.Node]:
-    """The other parts of the tensor x is a part of, where a reader may keep them for backward.
+    """The other parts of the tensor x is a part of, where something holds them.
 
     ``gate, up = fused(h).chunk(2, -1); silu(gate) * up``: up is a view, so keeping it keeps all of
     ``fused(h)``, and a 2-bit code at the gate (``nodes``: the activation that reads x) frees nothing
     unless up gets storage of its own. Empty where x is not such a part, where x is read elsewhere, or
     where the whole tensor stays alive anyway (a reader of it, or a producer that keeps it)."""
-    if any(u not in nodes for u in x.users):
+    if any(u not in nodes for u in x.users) or not x.args or not isinstance(x.args[0], fx.Node):
         return []
-    base = x.args[0] if x.args and isinstance(x.args[0], fx.Node) else None
-    if base is not None and is_split(base):
+    base = x.args[0]
+    if is_split(base):
         base = base.args[0]  # x is an item of a split of base
     elif not is_basic_index(x):
         return []
-    parts = parts_of(base) if isinstance(base, fx.Node) and not pinned_base(gm, base) else None
-    if parts is None or x not in parts:
+    site = split_site(gm, base) if isinstance(base, fx.Node) else None
+    if site is None or x not in site[0]:
         return []
-    return kept_parts(gm, [p for p in parts if p is not x])
+    return [p for p in site[1] if p is not x]
 
 
 def keeps_output(gm: fx.GraphModule, n: fx.Node) -> bool:

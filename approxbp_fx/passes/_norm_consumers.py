@@ -58,9 +58,14 @@ def keeps_nothing(gm: fx.GraphModule, u: fx.Node, cur: fx.Node) -> bool:
     result = output.args[0]
     if len(placeholders) != len(operands) or not (isinstance(result, tuple) and len(result) == 2):
         return False  # not the (outputs, saved) layout this reads
+    if not all(isinstance(r, (tuple, list)) for r in result):
+        return False
     inputs = {placeholders[i] for i, a in enumerate(operands) if a is cur}
-    saved = [n for n in result[1] if isinstance(n, fx.Node)] if isinstance(result[1], (tuple, list)) else []
-    return not any(_depends_on(n, inputs) for n in saved)
+    saved = [n for n in result[1] if isinstance(n, fx.Node)]
+    outputs = [n for n in result[0] if isinstance(n, fx.Node)]
+    # nothing saved computed from cur, and no output that is cur or a view of it (a gradient-reversal
+    # Function returns x.view_as(x): whatever keeps its output keeps cur)
+    return not any(_depends_on(n, inputs) for n in saved) and not any(_aliases(n, inputs) for n in outputs)
 
 
 def _depends_on(n: fx.Node, sources: set[fx.Node]) -> bool:
@@ -73,6 +78,16 @@ def _depends_on(n: fx.Node, sources: set[fx.Node]) -> bool:
             seen.add(m)
             todo += m.all_input_nodes
     return False
+
+
+def _aliases(n: fx.Node, sources: set[fx.Node]) -> bool:
+    """n is one of ``sources`` or reached from one through view ops only."""
+    while n not in sources:
+        if not (is_call(n, VIEW_FUNCTIONS, VIEW_METHODS + ("view_as", "detach", "alias")) and n.args
+                and isinstance(n.args[0], fx.Node)):
+            return False
+        n = n.args[0]
+    return True
 
 
 def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:

@@ -136,10 +136,13 @@ def _cast_below(node: object) -> tuple[fx.Node, list[fx.Node]] | None:
     while isinstance(node, fx.Node) and is_call(node, VIEW_FUNCTIONS, VIEW_METHODS) and node.args:
         views.insert(0, node)
         node = node.args[0]
-    if isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node) and is_widening_cast(
-            node, node.args[0]):
-        return node, views
-    return None
+    if not (isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node)
+            and is_widening_cast(node, node.args[0])):
+        return None
+    narrow = value(node.args[0])
+    if views and (narrow is None or not narrow.is_contiguous()):
+        return None  # the cast is contiguous, a strided narrow tensor might not take the same views
+    return node, views
 
 
 def _may_keep(gm: fx.GraphModule, cast: fx.Node, sites: set[fx.Node]) -> fx.Node | None:

@@ -12,10 +12,10 @@ A saved view keeps its whole base storage alive. Where a tensor is taken apart (
 when the base is no longer needed: the fused spelling then keeps what the unfused one keeps. The copy is
 exact (same values, a contiguous layout) and costs one pass over the kept parts in forward.
 
-A site is a base that is read only by splits and slices, not a graph input or the output of an op that
-keeps its own output, and with some but not all parts read by an op that may keep them (anything
-``_keeps.keeps`` does not know counts as keeping). A 2-bit code or a 1-bit mask at a part is the other
-families' business: the activation family copies a GLU's up half itself when it codes the gate
+A site is a base that is read only by splits and slices, not a graph input, a view (of a tensor others
+may hold) or the output of an op that keeps its own output, and with some but not all parts read by an op that may keep them (anything
+``_keeps.keeps`` does not know counts as keeping; so does being returned from the graph). A 2-bit code at
+a part is the activation family's business: it copies a GLU's up half itself when it codes the gate
 (``gate, up = fused(h).chunk(2, -1)``), since only then does the gate stop being kept.
 """
 
@@ -26,7 +26,7 @@ import torch.fx as fx
 from ..options import Options
 from ._edit import Candidate, GraphEdit
 from ._graph import module_path, tensor_bytes
-from ._keeps import kept_parts, parts_of, pinned_base
+from ._keeps import split_site
 
 __all__ = ["FAMILY", "find"]
 
@@ -37,17 +37,16 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every split tensor some of whose parts are kept and others not (module docstring)."""
     candidates: list[Candidate] = []
     for base in gm.graph.nodes:
-        if base.op not in ("call_function", "call_method", "call_module") or len(base.users) == 0:
+        site = split_site(gm, base)
+        if site is None:
             continue
-        parts = parts_of(base)
-        if not parts or len(parts) < 2 or pinned_base(gm, base):
-            continue
-        kept = kept_parts(gm, parts)
+        parts, kept = site
         saved = tensor_bytes(base) - sum(tensor_bytes(p) for p in kept)
         if not kept or len(kept) == len(parts) or saved <= 0:
             continue  # nothing kept (nothing to free), or everything kept (a copy would free nothing)
         candidates.append(Candidate(
-            FAMILY, base.name, module_path(base), f"split into {len(parts)} parts, {len(kept)} kept: copied",
+            # its own id: the base's name is the id of a site at the projection that computes it
+            FAMILY, f"{base.name}:split", module_path(base), f"split into {len(parts)} parts, {len(kept)} kept: copied",
             bytes_saved=saved, apply=lambda edit, kept=kept: _apply(edit, kept), replaces=tuple(kept)))
     return candidates
 

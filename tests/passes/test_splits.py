@@ -103,7 +103,7 @@ def test_all_parts_kept_is_no_site():
     """With the gate kept (exact mode: silu keeps its input), copying up would free nothing."""
     fused, _ = _pair(1)
     report = approxbp_fx.explain(fused, _x(), options=EXACT)
-    assert [s.id for s in report.sites if s.family == "splits"] == ["qkv"]  # the MLP's chunk is no site
+    assert [s.id for s in report.sites if s.family == "splits"] == ["qkv:split"]  # the MLP's chunk is no site
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -118,3 +118,27 @@ def test_fused_keeps_what_unfused_keeps(inner):
     assert abs(results["fused"][2] - results["unfused"][2]) <= 0.02 * results["unfused"][2], (
         results["fused"][2], results["unfused"][2])
     assert_grads_close({"x": results["fused"][1]}, {"x": results["unfused"][1]}, 1e-5)
+
+
+def test_parts_returned_or_of_a_view_are_no_site():
+    """A part the graph returns keeps the whole tensor alive, as does a view's base: copying other parts
+    would only add their bytes."""
+
+    class Returned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fused = nn.Linear(D, 2 * D)
+
+        def forward(self, x):
+            a, b = self.fused(x).chunk(2, dim=-1)
+            return F.scaled_dot_product_attention(a, a, a), b  # a kept by attention, b returned
+
+    class OfView(Returned):
+        def forward(self, x):
+            h = self.fused(x)
+            a, b = h.view(*h.shape[:-1], 2, D).unbind(-2)
+            return F.scaled_dot_product_attention(a, a, a) + h.sum()  # h read whole: its storage stays
+
+    for model in (Returned(), OfView()):
+        report = approxbp_fx.explain(model, _x(), options=EXACT)
+        assert not [s for s in report.sites if s.family == "splits"], report
