@@ -90,14 +90,21 @@ def _aliases(n: fx.Node, sources: set[fx.Node]) -> bool:
     return True
 
 
+def _cast(u: fx.Node, cur: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cur's value, u's value) when u is ``cur.to(...)``/``cur.float()``/... of the same shape and device,
+    without a layout or copy request; else None."""
+    if not (is_call(u, methods=_CAST_METHODS) and u.args and u.args[0] is cur):
+        return None
+    if any(k in u.kwargs for k in ("memory_format", "copy")):
+        return None
+    a, b = value(cur), value(u)
+    return (a, b) if a is not None and b is not None and (a.shape, a.device) == (b.shape, b.device) else None
+
+
 def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:
     """``cur.to(dtype)``/``cur.float()``/... that returns a tensor of cur's dtype, shape and device: cur itself."""
-    if not (is_call(u, methods=_CAST_METHODS) and u.args and u.args[0] is cur):
-        return False
-    if any(k in u.kwargs for k in ("memory_format", "copy")):
-        return False
-    a, b = value(cur), value(u)
-    return a is not None and b is not None and (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
+    pair = _cast(u, cur)
+    return pair is not None and pair[0].dtype == pair[1].dtype
 
 
 # (from, to) float dtypes whose cast is exact: every value of the narrow dtype is one of the wide dtype
@@ -110,13 +117,8 @@ _EXACT_WIDENING = frozenset({
 def is_widening_cast(u: fx.Node, cur: fx.Node) -> bool:
     """``cur.to(torch.float32)``/``cur.float()``/... of a narrower float dtype, same shape and device: an exact
     cast that backward can redo from cur (PEFT's cast of a bf16 hidden state to its float32 adapter)."""
-    if not (is_call(u, methods=_CAST_METHODS) and u.args and u.args[0] is cur):
-        return False
-    if any(k in u.kwargs for k in ("memory_format", "copy")):
-        return False
-    a, b = value(cur), value(u)
-    return (a is not None and b is not None and (a.shape, a.device) == (b.shape, b.device)
-            and (a.dtype, b.dtype) in _EXACT_WIDENING)
+    pair = _cast(u, cur)
+    return pair is not None and (pair[0].dtype, pair[1].dtype) in _EXACT_WIDENING
 
 
 def is_shape_view(u: fx.Node, cur: fx.Node) -> bool:

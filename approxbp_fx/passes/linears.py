@@ -170,8 +170,7 @@ def _input_cast_sites(gm: fx.GraphModule) -> list[Candidate]:
     for n in gm.graph.nodes:
         lin = linear_call(gm, n)
         below = None if lin is None or not requires_grad(gm, lin.weight) else _cast_below(lin.input)
-        out, xv = value(n), value(lin.input) if lin is not None else None
-        if below is None or out is None or xv is None or out.dtype != xv.dtype:
+        if below is None or value(n) is None or value(n).dtype != value(below[0]).dtype:
             continue  # no cast before it, or under autocast (the linear keeps its own half copy)
         found.append((n, lin, *below))
     sites = {n for n, *_ in found}

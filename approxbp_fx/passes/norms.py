@@ -73,8 +73,12 @@ class _Norm:
     z_dtype: torch.dtype | None = None
     nodes: frozenset[fx.Node] = frozenset()  # a computed norm's nodes (x and parameters excluded)
     skip: str = ""  # why the form must be left alone whatever its consumers; empty: it can be rewritten
-    # the affine reads y rounded to y_dtype (a written-out norm's own cast), not the float32 y (a native norm)
-    y_rounded: bool = False
+
+    @property
+    def y_rounded(self) -> bool:
+        """The affine reads y rounded to y_dtype (a written-out norm's own ops), not the float32 y (a native
+        norm call or module, which has no nodes of its own)."""
+        return bool(self.nodes)
 
 
 @dataclass
@@ -143,7 +147,7 @@ def _find_computed_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int
     if found is None:
         return None
     return _Norm(found.z, found.x, found.weight, found.bias, found.offset, 1, found.eps, found.rms, found.pattern,
-                 found.y_dtype, found.z_dtype, found.nodes, found.skip, y_rounded=True)
+                 found.y_dtype, found.z_dtype, found.nodes, found.skip)
 
 
 def _find_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _Norm | None:
