@@ -131,18 +131,78 @@ class LinearCall(NamedTuple):
     input: Any
     weight: Ref
     bias: Ref
-    transposed: bool  # GPT-2's Conv1D, addmm(bias, x, W): W is [in, out]
+    transposed: bool  # W is [in, out]: GPT-2's Conv1D, addmm(bias, x, W); a matmul x @ W
+    kind: str = "linear"  # how the model spelled it, for reports: linear, addmm, matmul, einsum
 
 
 def linear_call(gm: fx.GraphModule, n: fx.Node) -> LinearCall | None:
-    """n as a linear layer (``F.linear``, an ``nn.Linear`` module, GPT-2's ``addmm``), else None."""
+    """n as a linear layer (``F.linear``, an ``nn.Linear`` module, GPT-2's ``addmm``, a matmul or two-operand
+    einsum of a tensor with a 2-D parameter: CLIP's ``x @ proj``, Falcon's ``x @ weight.T``), else None."""
     if is_call(n, LINEAR_FUNCTIONS):
         return LinearCall(arg(n, 0, "input"), arg(n, 1, "weight"), arg(n, 2, "bias"), False)
     if is_call(n, (torch.addmm,)) and len(n.args) == 3 and not n.kwargs:
-        return LinearCall(n.args[1], n.args[2], n.args[0], True)
+        return LinearCall(n.args[1], n.args[2], n.args[0], True, "addmm")
     mod = target_module(gm, n)
     if isinstance(mod, nn.Linear) and len(n.args) == 1 and not n.kwargs:
         return LinearCall(n.args[0], module_attr(gm, n, "weight"), module_attr(gm, n, "bias"), False)
+    return _matmul_call(n) or _einsum_call(n)
+
+
+# x @ W, torch.matmul, Tensor.matmul, torch.mm
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.mm)
+_MATMUL_METHODS = ("matmul", "mm", "__matmul__")
+# W.t(), W.T, W.transpose(0, 1), W.mT: the [out, in] parameter read as [in, out]
+_TRANSPOSE_ATTRS = ("T", "mT")
+
+
+def _parameter_2d(w: Any) -> tuple[fx.Node, bool] | None:
+    """(W, transposed) when w is a 2-D graph input or attribute (a parameter, never an activation) used as a
+    matmul's right operand: W itself ([in, out], transposed) or its transpose (W is [out, in], as F.linear's)."""
+    if not isinstance(w, fx.Node):
+        return None
+    flipped = False
+    if (is_call(w, (getattr,)) and len(w.args) == 2 and w.args[1] in _TRANSPOSE_ATTRS) \
+            or (is_call(w, (torch.t,), ("t",)) and len(w.args) == 1) \
+            or (is_call(w, (torch.transpose,), ("transpose",)) and len(w.args) == 3
+                and {a % 2 if isinstance(a, int) else a for a in w.args[1:]} == {0, 1}):
+        w, flipped = w.args[0], True
+    if not isinstance(w, fx.Node) or w.op not in ("placeholder", "get_attr"):
+        return None
+    v = value(w)
+    return (w, not flipped) if v is not None and v.dim() == 2 else None
+
+
+def _matmul_call(n: fx.Node) -> LinearCall | None:
+    if not (is_call(n, _MATMUL_FUNCTIONS, _MATMUL_METHODS) and len(n.args) == 2 and not n.kwargs):
+        return None
+    x, found = n.args[0], _parameter_2d(n.args[1])
+    xv = value(x) if isinstance(x, fx.Node) else None
+    if found is None or xv is None or xv.dim() < 2 or (n.target in (torch.mm, "mm") and xv.dim() != 2):
+        return None  # a batched or vector product is no linear
+    return LinearCall(x, found[0], None, found[1], "matmul")
+
+
+def _einsum_call(n: fx.Node) -> LinearCall | None:
+    """``einsum("...d,nd->...n", x, W)`` (either operand order, W as [out, in] or [in, out]) as a linear."""
+    if not (is_call(n, (torch.einsum,)) and len(n.args) == 3 and isinstance(n.args[0], str) and not n.kwargs):
+        return None
+    inputs, _, out = n.args[0].replace(" ", "").partition("->")
+    subs = inputs.split(",")
+    if len(subs) != 2 or not out:
+        return None
+    for i in (0, 1):
+        xs, ws, x = subs[i], subs[1 - i], n.args[1 + i]
+        found = _parameter_2d(n.args[2 - i])
+        if found is None or "." in ws or len(ws) != 2 or len(xs) < 2 or not found[1]:
+            continue
+        d = xs[-1]
+        if d not in ws or d in out or ws.replace(d, "", 1) in xs:
+            continue
+        o = ws.replace(d, "", 1)
+        if len(set(xs.replace("...", ""))) != len(xs.replace("...", "")) or out != xs[:-1] + o:
+            continue
+        # found[0] is W itself: "nd" reads it as [out, in], "dn" as [in, out]
+        return LinearCall(x, found[0], None, ws[1] == o, "einsum")
     return None
 
 

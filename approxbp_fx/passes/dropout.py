@@ -57,7 +57,8 @@ class _Linear:
     chain: list[fx.Node]  # view ops between d and the linear, in order
     weight: Ref
     bias: Ref
-    transposed: bool = False  # addmm(bias, d, W): W is [in, out]
+    transposed: bool = False  # addmm(bias, d, W), d @ W: W is [in, out]
+    input: fx.Node | None = None  # what the linear reads: d or a view of it
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _readers(gm: fx.GraphModule, d: fx.Node) -> tuple[list[_Linear], str]:
                 what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
                 return linears, f"reader {u.name} ({what}) may keep dropout's output itself"
             if requires_grad(gm, lin.weight):
-                linears.append(_Linear(u, chain, lin.weight, lin.bias, lin.transposed))
+                linears.append(_Linear(u, chain, lin.weight, lin.bias, lin.transposed, cur))
             # a frozen weight: the linear keeps nothing of its input
     return linears, ""
 
@@ -263,8 +264,7 @@ def _apply(edit: GraphEdit, site: _Site, linears: list[_Linear]) -> None:
             shared = edit.node(site.x)
             for view in c.chain:  # x through the same views as the linear's input
                 shared = edit.copy(view, lambda a, v=view, s=shared: s if a is edit.node(v.args[0]) else a)
-            linear = edit.node(c.node)  # its input now reads the new d (or a view of it)
-            linear_input = linear.args[1] if c.transposed else (linear.args[0] if linear.args else linear.kwargs["input"])
+            linear_input = edit.node(c.input)  # the new d (or a view of it)
             new = edit.call(torch.ops.approxbp.linear_shared.default, (
                 linear_input, shared, edit.ref(c.weight), edit.ref(c.bias), None, None, 0.0, c.transposed,
                 None, mask, scale, None))

@@ -120,9 +120,8 @@ def _weight_cast_sites(gm: fx.GraphModule) -> list[Candidate]:
             reason = "no copy kept: the input needs no gradient"
         else:
             reason = ""
-        what = "addmm" if lin.transposed else "linear"
         candidates.append(Candidate(
-            FAMILY, n.name, module_path(n), f"{what} (autocast {_short(out.dtype)}: weight cast rebuilt)",
+            FAMILY, n.name, module_path(n), f"{lin.kind} (autocast {_short(out.dtype)}: weight cast rebuilt)",
             bytes_saved=w.numel() * out.element_size() if needs_x_grad else 0, skip=reason,
             apply=lambda edit, n=n, lin=lin, dtype=out.dtype: _apply(edit, n, lin, dtype),
             replaces=(n,)))
@@ -184,7 +183,7 @@ def _input_cast_sites(gm: fx.GraphModule) -> list[Candidate]:
         reason = "" if keeper is None else f"reader {keeper.name} of the cast {cast.name} may keep it anyway"
         dtypes = f"{_short(value(narrow).dtype)} -> {_short(value(cast).dtype)}"
         candidates.append(Candidate(
-            INPUT_CASTS, n.name, module_path(n), f"{'addmm' if lin.transposed else 'linear'} (input cast {dtypes} "
+            INPUT_CASTS, n.name, module_path(n), f"{lin.kind} (input cast {dtypes} "
             "rebuilt)", bytes_saved=tensor_bytes(cast) - tensor_bytes(narrow) // readers[narrow], skip=reason,
             apply=lambda edit, n=n, lin=lin, cast=cast, views=views: _apply_input_cast(edit, n, lin, cast, views),
             replaces=(n,)))

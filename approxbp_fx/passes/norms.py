@@ -154,9 +154,11 @@ def _find_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _No
     return _find_call_norm(gm, n) or _find_computed_norm(gm, n, order)
 
 
-def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> tuple[list[_Consumer], str | None, int]:
+def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
+               norm_readers: frozenset[fx.Node] = frozenset()) -> tuple[list[_Consumer], str | None, int]:
     """Layers that read z and can share y_hat, the first consumer that blocks sharing (or None), and how
-    many dropouts were not followed (``follow_dropout=False``).
+    many dropouts were not followed (``follow_dropout=False``). ``norm_readers`` are the nodes by which
+    norms that will be rewritten read their input: such a norm keeps its own y_hat, nothing of z.
 
     Order of links on the way (``_norm_consumers``): views, no-op casts, a row gather, a training dropout,
     then the layer; views and no-op casts may also follow the gather and the dropout. The backward
@@ -173,7 +175,7 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
         gathered_or_dropped = path.index is not None or path.dropout is not None
         for u in cur.users:
             if is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output" or links.reads_metadata_only(u, cur) \
-                    or links.keeps_nothing(gm, u, cur):
+                    or links.keeps_nothing(gm, u, cur) or u in norm_readers:
                 continue  # keeps nothing
             if links.is_noop_cast(u, cur):
                 todo.append(replace(path, node=u))  # cur itself: y_hat needs no cast
@@ -290,36 +292,79 @@ def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) ->
 
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every norm -> linear site (module docstring), with the reason it cannot be shared where it cannot."""
-    candidates: list[Candidate] = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[fx.Node] = set()  # nodes of computed norms found so far: a LayerNorm's second reduction
+    norms: list[tuple[fx.Node, _Norm]] = []
     for n in gm.graph.nodes:
         norm = None if n in claimed else _find_norm(gm, n, order)
-        if norm is None:
-            continue
-        claimed.update(norm.nodes)
-        consumers, blocker, dropouts = _consumers(gm, norm.z, getattr(options, "masks", True))
-        xv = value(norm.x)
-        if norm.skip:
-            reason = norm.skip
-        elif blocker is not None:
-            reason = blocker
-        elif not any(requires_grad(gm, c.weight) for c in consumers):
-            reason = ("nothing to share: no linear with a trainable weight reads the output"
-                      + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else ""))
-        elif xv is not None and not xv.is_floating_point():
-            reason = f"input dtype {xv.dtype} is not floating point"
-        elif norm.ndim != 1:
-            reason = f"normalized over {norm.ndim} dims; the linears read the last one"
-        else:
-            reason = ""
-        candidates.append(Candidate(
-            FAMILY, norm.z.name, module_path(n), _pattern(norm, consumers),
-            bytes_saved=_bytes_saved(gm, norm, consumers), skip=reason,
-            apply=lambda edit, norm=norm, consumers=consumers: _apply(edit, norm, consumers),
-            # every node the site rewrites: z, the layers, and the dropouts that become dropout_packed
-            replaces=(norm.z, *(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout))))
-    return candidates
+        if norm is not None:
+            claimed.update(norm.nodes)
+            norms.append((n, norm))
+    # A norm reading another norm's output (CLIP's ln_pre before the first block's ln_1) keeps that output
+    # for its backward unless it is rewritten itself (then it keeps its own y_hat): decide the sites again
+    # with the rewritten norms' readers counted as keeping nothing, until nothing changes.
+    rewritten: frozenset[fx.Node] = frozenset()
+    while True:
+        candidates = [_site(gm, n, norm, options, _input_readers(norms, rewritten)) for n, norm in norms]
+        now = frozenset(norm.z for (_, norm), c in zip(norms, candidates) if not c.skip)
+        if now == rewritten:
+            return candidates
+        rewritten = now
+
+
+def _input_readers(norms: list[tuple[fx.Node, _Norm]], rewritten: frozenset[fx.Node]) -> frozenset[fx.Node]:
+    """The nodes by which the norms whose output is in ``rewritten`` read their input x."""
+    readers: set[fx.Node] = set()
+    for _, norm in norms:
+        if norm.z in rewritten:
+            readers.update(u for u in norm.x.users if u is norm.z or u in norm.nodes)
+    return frozenset(readers)
+
+
+def _feeds_norm(z: fx.Node, norm_readers: frozenset[fx.Node]) -> bool:
+    """Whether a rewritten norm reads z (or z through views and no-op casts)."""
+    todo = [z]
+    while todo:
+        cur = todo.pop()
+        for u in cur.users:
+            if u in norm_readers:
+                return True
+            if links.is_noop_cast(u, cur) or links.is_shape_view(u, cur):
+                todo.append(u)
+    return False
+
+
+def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_readers: frozenset[fx.Node]) -> Candidate:
+    consumers, blocker, dropouts = _consumers(gm, norm.z, getattr(options, "masks", True), norm_readers)
+    # Read by another norm that is rewritten (which keeps its own y_hat): this norm's output is then kept by
+    # nobody, and the rewrite keeps y_hat and rstd where a LayerNorm kept x, its mean and rstd: the mean less.
+    feeds_norm = _feeds_norm(norm.z, norm_readers)
+    xv = value(norm.x)
+    if norm.skip:
+        reason = norm.skip
+    elif blocker is not None:
+        reason = blocker
+    elif not any(requires_grad(gm, c.weight) for c in consumers) and not (feeds_norm and not norm.rms):
+        reason = ("nothing to share: no linear with a trainable weight reads the output"
+                  + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else "")
+                  + (" (a norm reads it, which keeps its own y_hat: an RMSNorm's y_hat would weigh what its input "
+                     "does)" if feeds_norm else ""))
+    elif xv is not None and not xv.is_floating_point():
+        reason = f"input dtype {xv.dtype} is not floating point"
+    elif norm.ndim != 1:
+        reason = f"normalized over {norm.ndim} dims; the linears read the last one"
+    else:
+        reason = ""
+    pattern, saved = _pattern(norm, consumers), _bytes_saved(gm, norm, consumers)
+    if feeds_norm and not consumers:
+        zv = value(norm.z)
+        rows = zv.numel() // zv.shape[-1] if zv is not None and zv.dim() else 0
+        pattern, saved = f"{norm.pattern} -> norm", rows * 4  # the float32 mean
+    return Candidate(
+        FAMILY, norm.z.name, module_path(n), pattern, bytes_saved=saved, skip=reason,
+        apply=lambda edit, norm=norm, consumers=consumers: _apply(edit, norm, consumers),
+        # every node the site rewrites: z, the layers, and the dropouts that become dropout_packed
+        replaces=(norm.z, *(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout)))
 
 
 def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:

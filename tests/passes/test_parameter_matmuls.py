@@ -1,0 +1,154 @@
+"""Linears the model spelled as a matmul with a parameter (CLIP's ``x @ proj``, Falcon's ``x @ weight.T``,
+``einsum``), and norms read by other norms (CLIP's ``ln_pre`` before the first block's ``ln_1``).
+
+References are independent of the code under test: plain autograd on the same module (forward equal,
+gradients to float rounding) and byte counts from shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import approxbp_fx
+
+from architectures import loss_weight
+from models import assert_grads_close
+
+ROWS, WIDTH, OUT = (4, 16), 32, 24
+N = ROWS[0] * ROWS[1] * WIDTH * 4  # bytes of one float32 hidden state
+EXACT = {"inner": "eager", "activations": False}
+
+# the spellings of one linear y = x W^T (W: [OUT, WIDTH]) or y = x P (P: [WIDTH, OUT])
+SPELLINGS = {
+    "matmul": lambda h, m: h @ m.proj,
+    "torch.matmul": lambda h, m: torch.matmul(h, m.proj),
+    "matmul method": lambda h, m: h.matmul(m.proj),
+    "weight.T": lambda h, m: h @ m.weight.T + m.bias,
+    "weight.t()": lambda h, m: h @ m.weight.t(),
+    "weight.transpose": lambda h, m: torch.matmul(h, m.weight.transpose(0, 1)),
+    "mm": lambda h, m: torch.mm(h.view(-1, WIDTH), m.proj).view(*ROWS, OUT),
+    "einsum nd": lambda h, m: torch.einsum("btd,nd->btn", h, m.weight),
+    "einsum dn, weight first": lambda h, m: torch.einsum("dn,...d->...n", m.proj, h),
+}
+
+
+class NormToMatmul(nn.Module):
+    """A LayerNorm read by a matmul-spelled linear (and a residual add), as CLIP's final projection."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.norm = nn.LayerNorm(WIDTH)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.rand(WIDTH, generator=g) + 0.5)
+            self.norm.bias.copy_(torch.randn(WIDTH, generator=g) * 0.1)
+        self.proj = nn.Parameter(torch.randn(WIDTH, OUT, generator=g) / WIDTH ** 0.5)
+        self.weight = nn.Parameter(torch.randn(OUT, WIDTH, generator=g) / WIDTH ** 0.5)
+        self.bias = nn.Parameter(torch.randn(OUT, generator=g) * 0.1)
+        self.spelling = SPELLINGS[spelling]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.spelling(h, self) + h[..., :OUT]  # the slice keeps nothing: a view added
+
+
+class NormToNorm(nn.Module):
+    """ln_pre's output is read by the residual stream, by ln_1 (whose output feeds q) and, with ``direct``,
+    by a linear as well: sharing pays only where a linear reads it."""
+
+    def __init__(self, direct: bool) -> None:
+        super().__init__()
+        self.pre, self.ln = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.q, self.k = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.direct = direct
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        out = h + self.q(self.ln(h))
+        return out * self.k(h) if self.direct else out
+
+
+def _inputs() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(*ROWS, WIDTH, generator=g).requires_grad_()
+
+
+def _run(model: nn.Module, fn, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    (out * loss_weight(out.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.clone()
+    return out.detach(), grads, approxbp_fx.saved_activation_bytes(fn, x, exclude=[model])
+
+
+def _compare(model: nn.Module, **options):
+    x = _inputs()
+    ref = _run(model, model, x)
+    rewritten = copy.deepcopy(model)
+    with approxbp_fx.collect_reports() as reports:
+        got = _run(rewritten, approxbp_fx.compile(rewritten, **options), x)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    assert_grads_close(got[1], ref[1], 1e-5)
+    return ref[2], got[2], [s for r in reports for s in r.sites if s.family == "norms"]
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_matmul_with_a_parameter_shares_the_norm(spelling):
+    """Eager keeps the norm's input and the matmul's copy of h; the rewrite keeps y_hat (and rstd) only."""
+    eager, saved, sites = _compare(NormToMatmul(spelling), **EXACT)
+    assert len(sites) == 1 and sites[0].rewritten, sites
+    assert eager >= 2 * N, eager
+    assert saved <= N + N // WIDTH, f"kept {saved}, y_hat and rstd are {N + N // WIDTH}"
+
+
+def test_product_of_two_activations_is_no_linear():
+    """``h @ h.transpose(-1, -2)`` (attention scores) keeps h for both operands' gradients: not a linear."""
+
+    class Scores(NormToMatmul):
+        def forward(self, x):
+            h = self.norm(x)
+            return (h @ h.transpose(-1, -2)).sum(-1, keepdim=True) + h @ self.proj
+
+    reports = approxbp_fx.explain(Scores("matmul"), _inputs(), options=EXACT)
+    site = [s for s in reports.sites if s.family == "norms"]
+    assert len(site) == 1 and not site[0].rewritten and "may keep its own copy" in site[0].reason, site
+
+
+@pytest.mark.parametrize("inner", ["aot_eager"])
+def test_traced_inner_matches_autograd(inner):
+    eager, saved, sites = _compare(NormToMatmul("weight.T"), inner=inner, activations=False)
+    assert sites and all(s.rewritten for s in sites), sites
+
+
+def test_norm_read_by_a_rewritten_norm_shares():
+    """ln_1 rewritten keeps its own y_hat, not ln_pre's output: ln_pre's linear k can share. Eager keeps x
+    (ln_pre), h (ln_1, k), ln_1's output (q): three hidden states; rewritten, y_hat of each norm: two."""
+    eager, saved, sites = _compare(NormToNorm(direct=True), **EXACT)
+    assert len(sites) == 2 and all(s.rewritten for s in sites), sites
+    assert eager >= 3 * N, eager
+    assert saved <= eager - N + 2 * N // WIDTH, f"kept {saved} of eager's {eager}"
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_norm_read_only_by_norms(norm):
+    """Where only another (rewritten) norm reads ln_pre's output, nobody keeps it: a LayerNorm rewritten keeps
+    y_hat and rstd instead of x, its mean and rstd (the mean less); an RMSNorm would keep what it kept."""
+    model = NormToNorm(direct=False)
+    if norm == "rms":
+        model.pre = nn.RMSNorm(WIDTH)
+    eager, saved, sites = _compare(model, **EXACT)
+    by_site = {s.path: s for s in sites}
+    assert by_site["ln"].rewritten, sites
+    if norm == "layer":
+        assert by_site["pre"].rewritten and by_site["pre"].pattern.endswith("-> norm"), by_site["pre"]
+        stat = N // WIDTH  # one float32 per row: a mean or an rstd
+        assert eager >= 3 * N + 4 * stat, eager  # x, h, ln_1's output, two means and two rstds
+        assert saved <= 2 * N + 2 * stat, f"kept {saved}: two y_hat and two rstd are {2 * N + 2 * stat}"
+    else:
+        assert not by_site["pre"].rewritten and "a norm reads it" in by_site["pre"].reason, by_site["pre"]
