@@ -32,7 +32,10 @@ _METADATA_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.empty_like, torc
 
 
 def reads_metadata_only(u: fx.Node, cur: fx.Node) -> bool:
-    """u uses cur's shape, dtype or device, never its values: it keeps nothing of cur."""
+    """u uses cur's shape, dtype or device, never its values: it keeps nothing of cur. Also
+    ``other.type_as(cur)`` / ``other.to(cur)`` (an attention mask cast to the hidden state's dtype)."""
+    if is_call(u, methods=("type_as", "to")) and len(u.args) == 2 and u.args[1] is cur and u.args[0] is not cur:
+        return not any(a is cur for a in u.kwargs.values())
     return is_call(u, _METADATA_FUNCTIONS, _METADATA_METHODS) and bool(u.args) and u.args[0] is cur and not any(
         a is cur for a in (*u.args[1:], *u.kwargs.values()))
 

@@ -1,5 +1,6 @@
-"""Linears the model spelled as a matmul with a parameter (CLIP's ``x @ proj``, Falcon's ``x @ weight.T``,
-``einsum``), and norms read by other norms (CLIP's ``ln_pre`` before the first block's ``ln_1``).
+"""Readers of a norm's output that keep nothing of it or can share y_hat: linears the model spelled as a
+matmul with a parameter (CLIP's ``x @ proj``, Falcon's ``x @ weight.T``, ``einsum``), other norms (CLIP's
+``ln_pre`` before the first block's ``ln_1``) and tensors cast to its dtype (``mask.type_as(h)``).
 
 References are independent of the code under test: plain autograd on the same module (forward equal,
 gradients to float rounding) and byte counts from shapes.
@@ -152,3 +153,16 @@ def test_norm_read_only_by_norms(norm):
         assert saved <= 2 * N + 2 * stat, f"kept {saved}: two y_hat and two rstd are {2 * N + 2 * stat}"
     else:
         assert not by_site["pre"].rewritten and "a norm reads it" in by_site["pre"].reason, by_site["pre"]
+
+
+def test_cast_to_the_outputs_dtype_reads_no_values():
+    """``mask.type_as(h)`` / ``mask.to(h)`` read h's dtype only (Funnel's attention mask)."""
+
+    class MaskLike(NormToMatmul):
+        def forward(self, x):
+            h = self.norm(x)
+            mask = (x[..., :1] > 0).type_as(h) + (x[..., :1] > 1).to(h)
+            return h @ self.proj * mask
+
+    eager, saved, sites = _compare(MaskLike("matmul"), **EXACT)
+    assert len(sites) == 1 and sites[0].rewritten, sites
