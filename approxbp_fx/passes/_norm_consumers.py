@@ -40,11 +40,19 @@ def reads_metadata_only(u: fx.Node, cur: fx.Node) -> bool:
         a is cur for a in (*u.args[1:], *u.kwargs.values()))
 
 
+# ops whose backward needs no values of their inputs, only shapes: the gradient is sliced or broadcast back
+_SHAPE_ONLY_FUNCTIONS = (torch.cat, torch.concat, torch.stack, torch.sum, torch.mean)
+_SHAPE_ONLY_METHODS = ("sum", "mean")
+
+
 def keeps_nothing(gm: fx.GraphModule, u: fx.Node, cur: fx.Node) -> bool:
-    """u computes from cur but keeps none of it for backward: an op of bitsandbytes (a linear over a frozen,
-    quantized weight: QLoRA's base layers), or an ``autograd.Function`` that Dynamo traced as
-    ``autograd_function_apply`` whose forward saves nothing computed from cur (bitsandbytes' ``MatMul4Bit``
-    saves its packed weight and recomputes the rest)."""
+    """u computes from cur but keeps none of it for backward: a concatenation, a sum or mean (whose
+    gradients need shapes only), an op of bitsandbytes (a linear over a frozen, quantized weight: QLoRA's
+    base layers), or an ``autograd.Function`` that Dynamo traced as ``autograd_function_apply`` whose forward
+    saves nothing computed from cur (bitsandbytes' ``MatMul4Bit`` saves its packed weight and recomputes the
+    rest)."""
+    if is_call(u, _SHAPE_ONLY_FUNCTIONS, _SHAPE_ONLY_METHODS):
+        return True
     if u.op != "call_function":
         return False
     if getattr(u.target, "namespace", None) == "bitsandbytes":

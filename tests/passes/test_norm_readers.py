@@ -1,6 +1,7 @@
 """Readers of a norm's output that keep nothing of it or can share y_hat: linears the model spelled as a
 matmul with a parameter (CLIP's ``x @ proj``, Falcon's ``x @ weight.T``, ``einsum``), other norms (CLIP's
-``ln_pre`` before the first block's ``ln_1``) and tensors cast to its dtype (``mask.type_as(h)``).
+``ln_pre`` before the first block's ``ln_1``), tensors cast to its dtype (``mask.type_as(h)``) and ops whose
+gradient needs no values (``cat``, ``sum``, ``mean``).
 
 References are independent of the code under test: plain autograd on the same module (forward equal,
 gradients to float rounding) and byte counts from shapes.
@@ -165,4 +166,17 @@ def test_cast_to_the_outputs_dtype_reads_no_values():
             return h @ self.proj * mask
 
     eager, saved, sites = _compare(MaskLike("matmul"), **EXACT)
+    assert len(sites) == 1 and sites[0].rewritten, sites
+
+
+def test_concatenations_and_reductions_keep_nothing():
+    """``cat``/``stack``/``sum``/``mean`` slice or broadcast the gradient back: they keep nothing of h."""
+
+    class Pooled(NormToMatmul):
+        def forward(self, x):
+            h = self.norm(x)
+            pooled = torch.cat([h, h.mean(1, keepdim=True)], 1).sum(1) + torch.stack([h, h]).mean((0, 2))
+            return h @ self.proj + (pooled @ self.proj)[:, None]
+
+    eager, saved, sites = _compare(Pooled("matmul"), **EXACT)
     assert len(sites) == 1 and sites[0].rewritten, sites
