@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .._compat import grouped_mm as grouped_mm_private
 from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_basic_index, is_call, value
 
-__all__ = ["is_view", "is_permutation", "dim_after_view", "reads_metadata_only", "keeps_nothing", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["is_view", "is_permutation", "dim_after_view", "copies", "reads_metadata_only", "keeps_nothing", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -74,6 +74,22 @@ def dim_after_view(u: fx.Node, cur: fx.Node, dim: int | None, d: int | None) -> 
             return perm
         return perm.index(cv.dim() + dim) - cv.dim()
     return _dim_after_index(u, cv.dim(), dim)
+
+
+def copies(u: fx.Node, cur: fx.Node) -> bool:
+    """The view link u returns a copy of cur: ``contiguous`` or a reshape of a permuted cur whose strides allow
+    no view. Eager's layer keeps that copy; the rewritten one keeps y_hat instead."""
+    cv = value(cur)
+    if cv is None or not is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or cv.is_contiguous():
+        return False
+    if is_call(u, methods=("contiguous",)):
+        return True
+    uv = value(u)
+    try:
+        torch.empty_strided(cv.shape, cv.stride(), device="meta").view(uv.shape)
+    except RuntimeError:
+        return True
+    return False
 
 
 def _permutation(u: fx.Node, ndim: int) -> list[int] | str:

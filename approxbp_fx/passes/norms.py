@@ -100,6 +100,7 @@ class _Consumer:
     grouped: str = ""  # a grouped matmul: its impl name for approxbp::grouped_mm_shared; "" for a linear
     offs: fx.Node | None = None  # a grouped matmul's per-expert offsets
     attention: _attention.MhaCall | None = None  # an MHA call whose in-projection reads the output
+    copied: bool = False  # a view on the way copies the output (a reshape of a transposed view): eager keeps that copy
 
     @property
     def kind(self) -> str:
@@ -120,6 +121,7 @@ class _Path:
     # where the normalized dim is (-1: last), or None where a reshape merged or split it
     # (``_norm_consumers.dim_after_view``); layers must read it last
     dim: int | None = -1
+    copied: bool = False  # a view on the way copied the output (``links.copies``)
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -206,7 +208,8 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True) -> t
                     return consumers, (f"consumer {u.name} moves the normalized dim to position {dim}; "
                                        "only views that keep it last are followed"), dropouts
                 # before a gather, y_hat goes through the same views; after it the rows keep their order
-                todo.append(replace(path, node=u, dim=dim, chain=path.chain if gathered_or_dropped else path.chain + [u]))
+                todo.append(replace(path, node=u, dim=dim, copied=path.copied or links.copies(u, cur),
+                                    chain=path.chain if gathered_or_dropped else path.chain + [u]))
                 continue
             index = links.row_gather(u, cur, d)
             if index is not None:
@@ -270,7 +273,7 @@ def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
 def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
     at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
-          "factor": path.factor, "norm_dtype": path.norm_dtype}
+          "factor": path.factor, "norm_dtype": path.norm_dtype, "copied": path.copied}
     lin = linear_call(gm, u)
     if lin is not None and lin.input is cur:
         return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
@@ -313,9 +316,11 @@ def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
 
 def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
     """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
-    each distinct gathered or dropped-out tensor a layer with a trainable weight would keep."""
+    each distinct gathered, dropped-out, cast or copied (a reshape of a transposed view) tensor a layer with
+    a trainable weight would keep."""
     own = {c.input for c in consumers
-           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None) and requires_grad(gm, c.weight)}
+           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None or c.copied)
+           and requires_grad(gm, c.weight)}
     return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
 
 

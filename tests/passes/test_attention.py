@@ -106,6 +106,7 @@ def test_transposed_linears_keep_y_hat_only():
     assert site.pattern.endswith("5 x linear")
     z = B * T * D * FLOAT_BYTES
     assert saved - saved2 >= 3 * z, (saved, saved2)
+    assert site.bytes_saved == 3 * z  # the report's estimate counts the copies too
 
 
 class MovedDim(nn.Module):
@@ -196,6 +197,7 @@ def test_attention_in_projection_shares_y_hat(kind, need_weights, batch_first):
     assert site.rewritten, site.reason
     assert site.pattern.endswith("1 x attention")
     assert saved - saved2 >= B * T * D * FLOAT_BYTES, (saved, saved2)  # the in-projection's copy of z
+    assert site.bytes_saved == B * T * D * FLOAT_BYTES
 
 
 class _MaskBound(nn.Module):
