@@ -2,10 +2,13 @@
 
     before:  z = layer_norm(x, gamma, beta)                  (or rms_norm, nn.LayerNorm, nn.RMSNorm, or any
              q = linear(z, Wq, bq); k = linear(z.view(..), Wk)   written-out norm: LLaMA's or T5's RMSNorm,
-             h = x + z                                        Gemma's (1 + weight), LayerNorm by hand, ...)
+             a = multi_head_attention_forward(z.transpose(1, 0), ...)   Gemma's (1 + weight), LayerNorm by hand, ...)
+             h = x + z
     after:   z, y_hat, rstd = approxbp::norm_shared(x, gamma, beta, ...)
              q = approxbp::linear_shared(z, y_hat, Wq, bq, gamma, beta, ...)
              k = approxbp::linear_shared(z.view(..), y_hat.view(..), Wk, None, gamma, beta, ...)
+             p = approxbp::linear_shared(z.transpose(1, 0), y_hat.transpose(1, 0), in_proj_weight, ...)
+             a = mha_after_projection(p, ...)                (the rest of torch's attention, op for op)
              h = x + z
 
 Norm calls and modules are matched by their targets. Norms written out in pointwise ops, casts and
@@ -15,11 +18,15 @@ parameters, eps and the dtypes the op needs; a form the op does not compute (eps
 reported and left alone.
 
 A norm is rewritten only when every consumer of its output is a linear layer (``linear``, nn.Linear,
-GPT-2's ``addmm``) or a grouped matmul (a mixture-of-experts' experts), or an op that keeps nothing of it
-(add, ``zeros_like``, a bitsandbytes 4-bit layer: ``_norm_consumers.keeps_nothing``), and at least one of those layers would keep its own copy (its weight needs a
-gradient). On the way a layer may read the output through views and casts (no-op, or exact widening casts
-such as PEFT's ``z.to(float32)`` before a float32 adapter: backward casts the rebuilt bf16 output again),
-a row gather and a training dropout, in that order (``_norm_consumers.py``):
+GPT-2's ``addmm``), a grouped matmul (a mixture-of-experts' experts) or the in-projection of
+``F.multi_head_attention_forward`` (``nn.MultiheadAttention``: the call is split into its projections and
+the rest of torch's function, ``_attention.py``), or an op that keeps nothing of it (add, ``zeros_like``, a
+bitsandbytes 4-bit layer: ``_norm_consumers.keeps_nothing``), and at least one of those layers would keep
+its own copy (its weight needs a gradient). On the way a layer may read the output through views
+(reshapes, basic indexing, transposes and permutes that leave the normalized dim last: the walk tracks
+where it is, and refuses a view that moves it) and casts (no-op, or exact widening casts such as PEFT's
+``z.to(float32)`` before a float32 adapter: backward casts the rebuilt bf16 output again), a row gather and
+a training dropout, in that order (``_norm_consumers.py``):
 
     before:  rows = z.view(-1, D)[idx]; e = grouped_mm(rows, W, offs)      keeps rows (a gathered copy)
              a = linear(dropout(z, p), A)                                  keeps dropout's output and mask
