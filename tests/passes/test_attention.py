@@ -276,3 +276,24 @@ def test_encoder_under_the_inductor_inner():
     assert_grads_close(grads2, grads, 1e-5)
     sites = {s.path: s for r in reports for s in r.sites if s.family == "norms"}
     assert sites["norm1"].rewritten, sites["norm1"].reason
+
+
+def test_linear_output_divided_in_place_after_a_transpose():
+    """LED's encoder attention: ``q = query(z.transpose(0, 1)); q /= sqrt(head_dim)``. Verification compares
+    the linear's output before the in-place division, so it must have recorded the original's value before
+    it was divided too, or the site would be dropped as a forward mismatch."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(D)
+            self.query = nn.Linear(D, D)
+
+        def forward(self, x):
+            q = self.query(self.norm(x).transpose(0, 1))
+            q /= 4.0
+            return q
+
+    torch.manual_seed(0)
+    saved, saved2, sites = _compare(_randomize(Scaled()), _input(B, T, D))
+    assert sites["norm"].rewritten, sites["norm"].reason
