@@ -20,7 +20,7 @@ import torch
 
 __all__ = [
     "MIN_TORCH", "TORCH_VERSION", "TORCH_RELEASE", "HAS_CUSTOM_PARTITIONER", "HAS_ANNOTATE", "HAS_FUSED_RMS_NORM",
-    "is_fake", "unset_fake_temporarily", "get_proxy_mode", "DynamoError", "reset_dynamo", "tree_leaves",
+    "is_fake", "unset_fake_temporarily", "get_proxy_mode", "DynamoError", "reset_dynamo", "tree_leaves", "tree_map",
     "is_mutable_op", "fused_rms_norm", "annotate", "CheckpointPolicy", "aot_eager", "compile_fx",
     "inductor_mode_options", "CustomPartitionerFn", "hash_files", "min_cut_partition", "dynamo_module_path",
     "version_tuple",
@@ -57,6 +57,10 @@ def reset_dynamo() -> None:
 
 def tree_leaves(tree: Any) -> list[Any]:
     return torch.utils._pytree.tree_leaves(tree)
+
+
+def tree_map(fn: Any, tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(fn, tree)
 
 
 def is_mutable_op(target: Any) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ._compat import is_fake, tree_leaves, unset_fake_temporarily
+from ._compat import is_fake, tree_leaves, tree_map, unset_fake_temporarily
 from .passes._edit import SITE_KEY
 
 __all__ = ["mismatch", "concrete_inputs", "Verdict", "check_sites", "check_outputs", "record_original", "OriginalRun"]
@@ -94,7 +94,9 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.keep:
-            self.values[n.name] = out
+            # a copy: the graph may change the value in place later (LED's ``query /= sqrt(head_dim)`` on a
+            # linear's output), and the rewritten graph's node is compared before that happens
+            self.values[n.name] = tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, out)
         return out
 
 

@@ -1,7 +1,12 @@
 """What may stand between a norm's output and the layers that share it: the links of a consumer chain.
 
-    z -> [views, casts] -> [row gather z2d[index]] -> [views, casts] -> [dropout] -> [views, no-op casts]
-      -> linear (F.linear, nn.Linear, GPT-2's addmm) or grouped matmul (a mixture-of-experts' experts)
+    z -> [views, transposes, casts] -> [row gather z2d[index]] -> [views, casts] -> [dropout] -> [views, no-op casts]
+      -> linear (F.linear, nn.Linear, GPT-2's addmm), grouped matmul (a mixture-of-experts' experts) or the
+         in-projection of ``F.multi_head_attention_forward`` (``_attention.py``)
+
+The walk knows where the normalized dim is (``dim_after_view``): views and transposes may rearrange the
+other dims, but the layer must read the normalized dim last, because its backward rebuilds its input as
+rows ``[-1, D]`` of y_hat put through the same views.
 
 ``norms._consumers`` walks the chain with these predicates; each answers for one node ``u`` reading
 ``cur``: None when ``u`` is not that kind of link, a value when it is one the rewrite can follow, and a
@@ -18,9 +23,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .._compat import grouped_mm as grouped_mm_private
-from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_call, value
+from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_basic_index, is_call, value
 
-__all__ = ["reads_metadata_only", "keeps_nothing", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["is_view", "is_permutation", "dim_after_view", "copies", "reads_metadata_only", "keeps_nothing", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -29,6 +34,106 @@ _INDEX_SELECT = (torch.index_select,)
 # read only cur's shape, dtype and device (``torch.zeros_like(hidden)`` for an experts' output buffer)
 _METADATA_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full", "size", "dim", "numel")
 _METADATA_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)
+
+
+# Views that permute dims, as Dynamo writes them (methods, and the torch functions of the same names)
+_PERMUTE_METHODS = ("transpose", "permute", "t", "swapaxes", "swapdims", "movedim", "moveaxis")
+_PERMUTE_FUNCTIONS = tuple(getattr(torch, name) for name in _PERMUTE_METHODS)
+
+
+def is_permutation(u: fx.Node) -> bool:
+    return is_call(u, _PERMUTE_FUNCTIONS, _PERMUTE_METHODS)
+
+
+def is_view(u: fx.Node, cur: fx.Node) -> bool:
+    """u is a view of cur: a reshape (``view``, ``reshape``, ...), a transpose or permute, or basic indexing."""
+    return (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_permutation(u) or is_basic_index(u)) and bool(u.args) \
+        and u.args[0] is cur
+
+
+def dim_after_view(u: fx.Node, cur: fx.Node, dim: int | None, d: int | None) -> int | None | str:
+    """Where the normalized dim is in u's output, a view of cur in which it sits at ``dim``.
+
+    Positions are negative (-1: last). None stands for a reshape that merged or split the last dim: its
+    rows are still consecutive in the elements' order, and a later reshape whose last dim is d again
+    gives rows back (``z.view(B, T * D).view(-1, D)``). A string: the reason the view cannot be followed."""
+    cv, uv = value(cur), value(u)
+    if cv is None or uv is None or d is None:
+        return f"{u.name}: no shape information for the view"
+    if is_call(u, VIEW_FUNCTIONS, VIEW_METHODS):
+        # a reshape keeps the elements' order; where the normalized dim was moved, that order is no
+        # longer rows of it (a later change may follow the dim through it)
+        if dim is not None and dim != -1:
+            return f"{u.name} reshapes a view whose normalized dim is not last"
+        return -1 if uv.dim() > 0 and uv.shape[-1] == d else None
+    if dim is None:
+        return f"{u.name} rearranges a view whose last dim was merged or split"
+    if is_permutation(u):
+        perm = _permutation(u, cv.dim())
+        if isinstance(perm, str):
+            return perm
+        return perm.index(cv.dim() + dim) - cv.dim()
+    return _dim_after_index(u, cv.dim(), dim)
+
+
+def copies(u: fx.Node, cur: fx.Node) -> bool:
+    """The view link u returns a copy of cur: ``contiguous`` or a reshape of a permuted cur whose strides allow
+    no view. Eager's layer keeps that copy; the rewritten one keeps y_hat instead."""
+    cv = value(cur)
+    if cv is None or not is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or cv.is_contiguous():
+        return False
+    if is_call(u, methods=("contiguous",)):
+        return True
+    uv = value(u)
+    try:
+        torch.empty_strided(cv.shape, cv.stride(), device="meta").view(uv.shape)
+    except RuntimeError:
+        return True
+    return False
+
+
+def _permutation(u: fx.Node, ndim: int) -> list[int] | str:
+    """Output dim i of the transpose/permute u is input dim perm[i]: found by running u's own call on a meta
+    tensor whose dims have distinct sizes, so every spelling (``t``, ``movedim`` with tuples, negative dims)
+    means what torch says."""
+    rest_args, kwargs = u.args[1:], u.kwargs
+    found: list[fx.Node] = []
+    fx.node.map_arg((rest_args, kwargs), found.append)
+    if found:
+        return f"{u.name} permutes by dims known only at run time"
+    probe = torch.empty(tuple(range(2, ndim + 2)), device="meta")
+    try:
+        out = getattr(probe, u.target)(*rest_args, **kwargs) if u.op == "call_method" else \
+            u.target(probe, *rest_args, **kwargs)
+    except (RuntimeError, TypeError, IndexError) as e:
+        return f"{u.name}: cannot tell how it permutes dims ({e})"
+    return [s - 2 for s in out.shape]
+
+
+def _dim_after_index(u: fx.Node, ndim: int, dim: int) -> int | str:
+    """The position of input dim ``dim`` in the output of basic indexing ``cur[index]``."""
+    index = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
+    used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if sum(1 for i in index if i is Ellipsis) > 1 or used > ndim:
+        return f"{u.name}: an index this walk does not read"
+    expanded: list[Any] = []
+    for i in index:
+        expanded += [slice(None)] * (ndim - used) if i is Ellipsis else [i]
+    if Ellipsis not in index:
+        expanded += [slice(None)] * (ndim - used)
+    target, src, out_pos = ndim + dim, 0, 0
+    found = None
+    for i in expanded:
+        if i is None:
+            out_pos += 1  # a new dim of size 1
+            continue
+        if src == target:
+            if not isinstance(i, slice):
+                return f"{u.name} takes one element of each row of the output"
+            found = out_pos
+        src += 1
+        out_pos += isinstance(i, slice)
+    return found - out_pos  # out_pos: the output's number of dims
 
 
 def reads_metadata_only(u: fx.Node, cur: fx.Node) -> bool:

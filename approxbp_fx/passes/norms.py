@@ -2,10 +2,13 @@
 
     before:  z = layer_norm(x, gamma, beta)                  (or rms_norm, nn.LayerNorm, nn.RMSNorm, or any
              q = linear(z, Wq, bq); k = linear(z.view(..), Wk)   written-out norm: LLaMA's or T5's RMSNorm,
-             h = x + z                                        Gemma's (1 + weight), LayerNorm by hand, ...)
+             a = multi_head_attention_forward(z.transpose(1, 0), ...)   Gemma's (1 + weight), LayerNorm by hand, ...)
+             h = x + z
     after:   z, y_hat, rstd = approxbp::norm_shared(x, gamma, beta, ...)
              q = approxbp::linear_shared(z, y_hat, Wq, bq, gamma, beta, ...)
              k = approxbp::linear_shared(z.view(..), y_hat.view(..), Wk, None, gamma, beta, ...)
+             p = approxbp::linear_shared(z.transpose(1, 0), y_hat.transpose(1, 0), in_proj_weight, ...)
+             a = mha_after_projection(p, ...)                (the rest of torch's attention, op for op)
              h = x + z
 
 Norm calls and modules are matched by their targets. Norms written out in pointwise ops, casts and
@@ -15,11 +18,15 @@ parameters, eps and the dtypes the op needs; a form the op does not compute (eps
 reported and left alone.
 
 A norm is rewritten only when every consumer of its output is a linear layer (``linear``, nn.Linear,
-GPT-2's ``addmm``) or a grouped matmul (a mixture-of-experts' experts), or an op that keeps nothing of it
-(add, ``zeros_like``, a bitsandbytes 4-bit layer: ``_norm_consumers.keeps_nothing``), and at least one of those layers would keep its own copy (its weight needs a
-gradient). On the way a layer may read the output through views and casts (no-op, or exact widening casts
-such as PEFT's ``z.to(float32)`` before a float32 adapter: backward casts the rebuilt bf16 output again),
-a row gather and a training dropout, in that order (``_norm_consumers.py``):
+GPT-2's ``addmm``), a grouped matmul (a mixture-of-experts' experts) or the in-projection of
+``F.multi_head_attention_forward`` (``nn.MultiheadAttention``: the call is split into its projections and
+the rest of torch's function, ``_attention.py``), or an op that keeps nothing of it (add, ``zeros_like``, a
+bitsandbytes 4-bit layer: ``_norm_consumers.keeps_nothing``), and at least one of those layers would keep
+its own copy (its weight needs a gradient). On the way a layer may read the output through views
+(reshapes, basic indexing, transposes and permutes that leave the normalized dim last: the walk tracks
+where it is, and refuses a view that moves it) and casts (no-op, or exact widening casts such as PEFT's
+``z.to(float32)`` before a float32 adapter: backward casts the rebuilt bf16 output again), a row gather and
+a training dropout, in that order (``_norm_consumers.py``):
 
     before:  rows = z.view(-1, D)[idx]; e = grouped_mm(rows, W, offs)      keeps rows (a gathered copy)
              a = linear(dropout(z, p), A)                                  keeps dropout's output and mask
@@ -44,10 +51,11 @@ from torch import nn
 from ..options import Options
 from ._edit import Candidate, GraphEdit
 from ._graph import (
-    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, RMS_NORM_FUNCTIONS, VIEW_FUNCTIONS, VIEW_METHODS, Ref, arg, is_basic_index,
+    ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, RMS_NORM_FUNCTIONS, Ref, arg,
     is_call, linear_call, module_attr, module_path, requires_grad, target_module, tensor_bytes, value,
 )
 from ._norm_forms import identify, is_reduction
+from . import _attention
 from . import _norm_consumers as links
 from ..ops import grouped as _grouped  # noqa: F401  (defines approxbp::grouped_mm_shared)
 from ..ops.dropout import dropout_scale
@@ -98,6 +106,12 @@ class _Consumer:
     norm_dtype: torch.dtype | None = None  # z's dtype where the layer reads an exact widening cast of z
     grouped: str = ""  # a grouped matmul: its impl name for approxbp::grouped_mm_shared; "" for a linear
     offs: fx.Node | None = None  # a grouped matmul's per-expert offsets
+    attention: _attention.MhaCall | None = None  # an MHA call whose in-projection reads the output
+    copied: bool = False  # a view on the way copies the output (a reshape of a transposed view): eager keeps that copy
+
+    @property
+    def kind(self) -> str:
+        return "attention" if self.attention is not None else "grouped_mm" if self.grouped else "linear"
 
 
 @dataclass
@@ -111,6 +125,10 @@ class _Path:
     p: float = 0.0
     factor: float = 1.0  # a constant the output was multiplied by (T5 before its tied LM head)
     norm_dtype: torch.dtype | None = None  # set once the walk passed a widening cast: z's dtype
+    # where the normalized dim is (-1: last), or None where a reshape merged or split it
+    # (``_norm_consumers.dim_after_view``); layers must read it last
+    dim: int | None = -1
+    copied: bool = False  # a view on the way copied the output (``links.copies``)
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -187,14 +205,21 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
                 # exact: backward casts the rebuilt output again (a PEFT adapter's float32 upcast)
                 todo.append(replace(path, node=u, norm_dtype=path.norm_dtype or value(cur).dtype))
                 continue
-            if (is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) or is_basic_index(u)) and u.args[0] is cur:
-                if not gathered_or_dropped:
-                    todo.append(replace(path, node=u, chain=path.chain + [u]))
-                    continue
-                if links.is_shape_view(u, cur):
-                    todo.append(replace(path, node=u))  # the rows keep their order
-                    continue
-                return consumers, f"consumer {u.name} slices rows after a gather or dropout", dropouts
+            if links.is_view(u, cur):
+                if gathered_or_dropped and not links.is_shape_view(u, cur):
+                    return consumers, f"consumer {u.name} slices or permutes rows after a gather or dropout", dropouts
+                dim = links.dim_after_view(u, cur, path.dim, d)
+                if isinstance(dim, str):
+                    return consumers, dim, dropouts
+                if dim is not None and dim != -1:
+                    # backward rebuilds a layer's input as rows [-1, D] of y_hat: the normalized dim must
+                    # stay last (a layer reading another dim would need y_hat permuted back)
+                    return consumers, (f"consumer {u.name} moves the normalized dim to position {dim}; "
+                                       "only views that keep it last are followed"), dropouts
+                # before a gather, y_hat goes through the same views; after it the rows keep their order
+                todo.append(replace(path, node=u, dim=dim, copied=path.copied or links.copies(u, cur),
+                                    chain=path.chain if gathered_or_dropped else path.chain + [u]))
+                continue
             index = links.row_gather(u, cur, d)
             if index is not None:
                 if isinstance(index, str):
@@ -204,6 +229,8 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
                                        "rebuilds a dropout of gathered rows only"), dropouts
                 if path.index is not None:
                     return consumers, f"rows {u.name} are gathered from gathered rows {path.index.name}", dropouts
+                if path.dim != -1:
+                    return consumers, f"rows {u.name} are gathered from a view whose last dim is not the normalized one", dropouts
                 todo.append(replace(path, node=u, index=index))
                 continue
             factor = _constant_factor(u, cur)
@@ -234,8 +261,10 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
                 what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
                 return consumers, f"consumer {u.name} ({what}) may keep its own copy of the output", dropouts
             cv = value(cur)
-            if cv is not None and d is not None and (cv.dim() == 0 or cv.shape[-1] != d):
+            if path.dim != -1 or (cv is not None and d is not None and (cv.dim() == 0 or cv.shape[-1] != d)):
                 return consumers, f"consumer {u.name} reads a view whose last dim is not the normalized one", dropouts
+            if any(c.node is u for c in consumers):
+                return consumers, f"consumer {u.name} reads the output through two different chains", dropouts
             consumers.append(found)
     return consumers, None, dropouts
 
@@ -253,10 +282,22 @@ def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
 def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
     at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
-          "factor": path.factor, "norm_dtype": path.norm_dtype}
+          "factor": path.factor, "norm_dtype": path.norm_dtype, "copied": path.copied}
     lin = linear_call(gm, u)
     if lin is not None and lin.input is cur:
         return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
+    mha = _attention.mha_in_projection(u, cur)
+    if isinstance(mha, str):
+        return mha
+    if mha is not None:
+        if path.index is not None or path.dropout is not None or path.factor != 1.0:
+            # torch's mha reads query/key/value directly; a gathered or dropped-out one is not this norm's rows
+            return f"attention {u.name} reads gathered, dropped-out or scaled rows of the output"
+        # the weight that decides whether sharing pays: a trainable one among the projections reading cur
+        weights = [w if not isinstance(w, tuple) else w[0]
+                   for i, w in zip(mha.inputs, mha.weights) if i is cur]
+        weight = next((w for w in weights if requires_grad(gm, w)), weights[0])
+        return _Consumer(weight=weight, attention=mha, **at)
     grouped = links.grouped_mm(u, cur)
     if grouped is None or isinstance(grouped, str):
         return grouped
@@ -269,9 +310,9 @@ def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consum
 def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
     """``rms_norm (...) -> 1 x linear, 2 x grouped_mm (gathered)``: what the site found."""
     parts = []
-    for kind in ("linear", "grouped_mm"):
-        of_kind = [c for c in consumers if (kind == "grouped_mm") == bool(c.grouped)]
-        if not of_kind and (kind == "grouped_mm" or consumers):
+    for kind in ("linear", "grouped_mm", "attention"):
+        of_kind = [c for c in consumers if c.kind == kind]
+        if not of_kind and (kind != "linear" or consumers):
             continue
         notes = []
         for note, n in (("gathered", sum(c.index is not None for c in of_kind)),
@@ -284,9 +325,11 @@ def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
 
 def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
     """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
-    each distinct gathered or dropped-out tensor a layer with a trainable weight would keep."""
+    each distinct gathered, dropped-out, cast or copied (a reshape of a transposed view) tensor a layer with
+    a trainable weight would keep."""
     own = {c.input for c in consumers
-           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None) and requires_grad(gm, c.weight)}
+           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None or c.copied)
+           and requires_grad(gm, c.weight)}
     return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
 
 
@@ -391,9 +434,13 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
             mask, scale = masks[c.dropout], _dropout_scale(c.dropout, c.p)
         with edit.inserting_before(c.node):
             shared = y_hat  # not gathered: a gathered copy would be a new tensor to keep
-            for view in c.chain:  # the same views z went through before the gather (or the layer)
+            for view in _replayed(c.chain):  # the views z went through before the gather (or the layer)
                 shared = edit.copy(view, lambda a, v=view, s=shared: s if a is edit.node(v.args[0]) else a)
-            if c.grouped:
+            if c.attention is not None:
+                new = _attention.emit(edit, c.node, c.attention, c.input, lambda w, b, s=shared: edit.call(
+                    torch.ops.approxbp.linear_shared.default,
+                    (c.input, s, w, b, weight, bias, norm.offset, False, None, None, 1.0, c.norm_dtype)))
+            elif c.grouped:
                 new = edit.call(torch.ops.approxbp.grouped_mm_shared.default, (
                     c.input, shared, c.index, c.weight, c.offs, weight, bias, norm.offset, mask, scale, c.grouped))
             else:
@@ -401,6 +448,17 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
                     c.input, shared, edit.ref(c.weight), edit.ref(c.bias), weight, bias, norm.offset,
                     c.transposed, c.index, mask, scale, c.norm_dtype))
         edit.replace(c.node, new)
+
+
+def _replayed(chain: list[fx.Node]) -> list[fx.Node]:
+    """The links of a chain that y_hat goes through. The layer reads y_hat as rows [-1, D] in the order of
+    its input's rows, which only permutations and indexing change: after the last of them, reshapes are
+    left out, and so is ``contiguous``, since on a permuted y_hat they would copy it and the layer would
+    keep the copy (``z.transpose(0, 1).reshape(-1, D)`` becomes ``y_hat.transpose(0, 1)``)."""
+    last = max((i for i, v in enumerate(chain) if not links.is_shape_view(v, v.args[0])), default=-1)
+    permuted = any(links.is_permutation(v) for v in chain[:last + 1])
+    return [v for i, v in enumerate(chain)
+            if not is_call(v, methods=("contiguous",)) and not (permuted and i > last)]
 
 
 def _dropout_input(d: fx.Node) -> fx.Node:
