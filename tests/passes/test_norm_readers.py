@@ -180,3 +180,24 @@ def test_concatenations_and_reductions_keep_nothing():
 
     eager, saved, sites = _compare(Pooled("matmul"), **EXACT)
     assert len(sites) == 1 and sites[0].rewritten, sites
+
+
+def test_clip_style_tower_shares_every_norm():
+    """open_clip's spelling: a cast-back LayerNorm subclass, nn.MultiheadAttention (batch_first), QuickGELU,
+    ln_pre read only by the first ln_1, ``ln_post(x[:, 0]) @ proj``: every norm rewritten, gradients equal."""
+    from handwritten import clip_inputs, clip_tower
+
+    model = clip_tower()
+    (x,) = clip_inputs()
+    ref_model, got_model = copy.deepcopy(model), copy.deepcopy(model)
+    with approxbp_fx.collect_reports() as reports:
+        compiled = approxbp_fx.compile(got_model, **EXACT)
+        out = compiled(x)
+    ref = ref_model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    (out * loss_weight(out.shape)).sum().backward()
+    (ref * loss_weight(ref.shape)).sum().backward()
+    assert_grads_close({n: p.grad for n, p in got_model.named_parameters()},
+                       {n: p.grad for n, p in ref_model.named_parameters()}, 1e-5)
+    norms = [s for r in reports for s in r.sites if s.family == "norms"]
+    assert len(norms) == 6 and all(s.rewritten for s in norms), norms
