@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+import approxbp_fx
+
 from models import (  # noqa: F401  (rel_l2, grad_errors: re-exported for the tests and benchmarks/coverage_table.py)
     BATCH, GELU_STEP, HEADS, HIDDEN, LAYERS, MLP, SILU_STEP, TOKENS, VOCAB, grad_errors, rel_l2,
     swap_activations, tiny_bert, tiny_vit, vit_inputs,
@@ -320,6 +322,19 @@ def loss_weight(shape: torch.Size) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(123))
 
 
+def train_step(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, dict[str, Tensor], int]:
+    """One forward and backward of ``fn`` (``model`` or a compiled form of it) on a leaf copy of x: the output,
+    the gradients of the parameters that got one and of the input (``"input"``), and the bytes kept for
+    backward by another call."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    (out.float() * loss_weight(out.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.clone()
+    return out.detach(), grads, approxbp_fx.saved_activation_bytes(fn, x, exclude=[model])
+
+
 class Result:
     """Forward output, gradients per parameter name (None where frozen or untouched) and saved bytes of one run."""
 
@@ -328,7 +343,6 @@ class Result:
 
 
 def build_fn(model: nn.Module, variant: str, inner: str | None) -> Callable[..., object]:
-    import approxbp_fx
 
     if variant == "eager":
         return model

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -103,18 +104,13 @@ def mha_in_projection(u: fx.Node, cur: fx.Node) -> MhaCall | str | None:
     return MhaCall(a, "", (query, key, val), tuple((w, i * e, (i + 1) * e) for i in range(3)), thirds)
 
 
-def _rows(t: Tensor, start: int, stop: int) -> Tensor:
-    """Rows [start, stop) of a packed weight or bias: the same view torch's ``split``/``chunk`` give."""
-    return t[start:stop]
-
-
 def emit(edit: Any, u: fx.Node, call: MhaCall, cur: fx.Node, shared_linear: Callable[[Any, Any], fx.Node]) -> fx.Node:
     """The nodes replacing u (insert before u): each projection, ``shared_linear(weight, bias)`` where it
     reads cur and a plain linear elsewhere, then ``mha_after_projection``. Returns the node standing for u."""
 
     def part(ref: Any) -> Any:
-        if isinstance(ref, tuple):
-            return edit.call(_rows, (ref[0], ref[1], ref[2]))
+        if isinstance(ref, tuple):  # rows [start, stop) of the packed tensor: the view torch's split gives
+            return edit.call(operator.getitem, (ref[0], slice(ref[1], ref[2])))
         return ref
 
     projections = []

@@ -344,15 +344,18 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
             claimed.update(norm.nodes)
             norms.append((n, norm))
     # A norm reading another norm's output (CLIP's ln_pre before the first block's ln_1) keeps that output
-    # for its backward unless it is rewritten itself (then it keeps its own y_hat): decide the sites again
-    # with the rewritten norms' readers counted as keeping nothing, until nothing changes.
-    rewritten: frozenset[fx.Node] = frozenset()
+    # for its backward unless it is rewritten itself (then it keeps its own y_hat): decide the skipped sites
+    # again with the rewritten norms' readers counted as keeping nothing, until no more readers join. More
+    # readers only unblock, so a site once rewritten stays as it was.
+    readers: frozenset[fx.Node] = frozenset()
+    candidates = [_site(gm, n, norm, options, readers) for n, norm in norms]
     while True:
-        candidates = [_site(gm, n, norm, options, _input_readers(norms, rewritten)) for n, norm in norms]
-        now = frozenset(norm.z for (_, norm), c in zip(norms, candidates) if not c.skip)
-        if now == rewritten:
+        now = _input_readers(norms, frozenset(norm.z for (_, norm), c in zip(norms, candidates) if not c.skip))
+        if now == readers:
             return candidates
-        rewritten = now
+        readers = now
+        candidates = [_site(gm, n, norm, options, readers) if c.skip else c
+                      for (n, norm), c in zip(norms, candidates)]
 
 
 def _input_readers(norms: list[tuple[fx.Node, _Norm]], rewritten: frozenset[fx.Node]) -> frozenset[fx.Node]:

@@ -18,7 +18,7 @@ from torch import nn
 import approxbp_fx
 
 from architectures import loss_weight
-from models import assert_grads_close
+from models import assert_grads_close, randomize_norm_affines
 
 pytestmark = pytest.mark.usefixtures("eager_kernels")
 
@@ -60,16 +60,6 @@ def _compare(model: nn.Module, *inputs: torch.Tensor, options: dict | None = Non
     return saved, saved2, {s.path: s for r in reports for s in r.sites if s.family == "norms"}
 
 
-def _randomize(model: nn.Module) -> nn.Module:
-    """LayerNorm affines away from (1, 0), so a wrong rebuild shows in the gradients."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
-
-
 def _input(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -99,7 +89,7 @@ def test_transposed_linears_keep_y_hat_only():
     """Every layer keeps y_hat (transposed views of it, no copy): eager's z and its two transposed copies
     are gone."""
     torch.manual_seed(0)
-    model = _randomize(Transposed())
+    model = randomize_norm_affines(Transposed())
     saved, saved2, sites = _compare(model, _input(B, T, D))
     site = sites["norm"]
     assert site.rewritten, site.reason
@@ -142,7 +132,7 @@ def test_views_that_move_the_normalized_dim_are_refused(which, reason):
     """With tokens == width a transposed output still ends in a dim of size D: the walk knows where the
     normalized dim is, refuses the site with the reason, and the model runs as before."""
     torch.manual_seed(0)
-    model = _randomize(MovedDim(which))
+    model = randomize_norm_affines(MovedDim(which))
     x = _input(B, D, D)
     _, _, sites = _compare(model, x)
     site = sites["norm"]
@@ -190,7 +180,7 @@ def test_attention_in_projection_shares_y_hat(kind, need_weights, batch_first):
     in-projection keeps is gone; the attention (dropout included, its masks, its weights where asked for)
     is torch's bit for bit and gradients (of key and value inputs too) are plain autograd's."""
     torch.manual_seed(0)
-    model = _randomize(PreNormAttention(kind, batch_first, need_weights))
+    model = randomize_norm_affines(PreNormAttention(kind, batch_first, need_weights))
     x, memory, values, mask = _attention_inputs(kind, batch_first)
     saved, saved2, sites = _compare(_MaskBound(model, mask), x, memory, values)
     site = sites["inner.norm"]
@@ -215,7 +205,7 @@ class _MaskBound(nn.Module):
 def _encoder(batch_first: bool, dropout: float, norm_first: bool = True) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(D, HEADS, 2 * D, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
-    return _randomize(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    return randomize_norm_affines(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -265,7 +255,7 @@ def test_encoder_under_the_inductor_inner():
     x = _input(B, T, D)
     layer = nn.TransformerEncoderLayer(D, HEADS, 2 * D, dropout=0.0, batch_first=True, norm_first=True)
     torch.manual_seed(0)
-    model = _randomize(layer)
+    model = randomize_norm_affines(layer)
     out, grads, saved = _run(model, model, x)
     compiled_model = copy.deepcopy(model)
     torch._dynamo.reset()
@@ -295,5 +285,5 @@ def test_linear_output_divided_in_place_after_a_transpose():
             return q
 
     torch.manual_seed(0)
-    saved, saved2, sites = _compare(_randomize(Scaled()), _input(B, T, D))
+    saved, saved2, sites = _compare(randomize_norm_affines(Scaled()), _input(B, T, D))
     assert sites["norm"].rewritten, sites["norm"].reason

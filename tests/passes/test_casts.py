@@ -17,7 +17,7 @@ from torch import nn
 
 import approxbp_fx
 
-from architectures import loss_weight
+from architectures import train_step
 from models import BF16_EXACT_GRAD_TOL, assert_grads_close
 
 ROWS, WIDTH, OUT = (4, 16), 64, 48
@@ -75,17 +75,6 @@ def _inputs() -> torch.Tensor:
     return torch.randn(*ROWS, WIDTH, generator=g).to(BF16).requires_grad_()
 
 
-def _run(model: nn.Module, fn, x: torch.Tensor):
-    model.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    out = fn(x)
-    (out.float() * loss_weight(out.shape)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad.clone()
-    saved = approxbp_fx.saved_activation_bytes(fn, x, exclude=[model])
-    return out.detach(), grads, saved
-
-
 def _assert_grads(got: dict, ref: dict, float32_tol: float = 1e-5) -> None:
     """float32 gradients (the adapters') to float32 rounding; bf16 ones (the input's, the norm weight's:
     plain autograd rounds at every bf16 op, the shared backward once) to bf16 rounding."""
@@ -97,10 +86,10 @@ def _assert_grads(got: dict, ref: dict, float32_tol: float = 1e-5) -> None:
 
 def _compare(model: nn.Module, **options):
     x = _inputs()
-    ref = _run(model, model, x)
+    ref = train_step(model, model, x)
     rewritten = copy.deepcopy(model)
     with approxbp_fx.collect_reports() as reports:
-        got = _run(rewritten, approxbp_fx.compile(rewritten, **options), x)
+        got = train_step(rewritten, approxbp_fx.compile(rewritten, **options), x)
     assert torch.equal(got[0], ref[0]), "forward differs from eager"
     _assert_grads(got[1], ref[1])
     return ref[2], got[2], [s for r in reports for s in r.sites]
@@ -161,10 +150,10 @@ def test_compiled_inners_match_autograd(inner):
     bytes no more than the same-mode baseline's."""
     model = NormToAdapters()
     x = _inputs()
-    ref = _run(model, model, x)
+    ref = train_step(model, model, x)
     plain = copy.deepcopy(model)
-    base = _run(plain, torch.compile(plain, backend=inner), x)
+    base = train_step(plain, torch.compile(plain, backend=inner), x)
     rewritten = copy.deepcopy(model)
-    got = _run(rewritten, approxbp_fx.compile(rewritten, inner=inner, activations=False), x)
+    got = train_step(rewritten, approxbp_fx.compile(rewritten, inner=inner, activations=False), x)
     _assert_grads(got[1], ref[1], 1e-5 if inner == "aot_eager" else BF16_EXACT_GRAD_TOL)
     assert got[2] <= base[2], f"kept {got[2]}, plain {inner} {base[2]}"

@@ -17,7 +17,7 @@ from torch import nn
 
 import approxbp_fx
 
-from architectures import loss_weight
+from architectures import loss_weight, train_step
 from models import assert_grads_close
 
 ROWS, WIDTH, OUT = (4, 16), 32, 24
@@ -79,22 +79,12 @@ def _inputs() -> torch.Tensor:
     return torch.randn(*ROWS, WIDTH, generator=g).requires_grad_()
 
 
-def _run(model: nn.Module, fn, x: torch.Tensor):
-    model.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    out = fn(x)
-    (out * loss_weight(out.shape)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad.clone()
-    return out.detach(), grads, approxbp_fx.saved_activation_bytes(fn, x, exclude=[model])
-
-
 def _compare(model: nn.Module, **options):
     x = _inputs()
-    ref = _run(model, model, x)
+    ref = train_step(model, model, x)
     rewritten = copy.deepcopy(model)
     with approxbp_fx.collect_reports() as reports:
-        got = _run(rewritten, approxbp_fx.compile(rewritten, **options), x)
+        got = train_step(rewritten, approxbp_fx.compile(rewritten, **options), x)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
     assert_grads_close(got[1], ref[1], 1e-5)
     return ref[2], got[2], [s for r in reports for s in r.sites if s.family == "norms"]
