@@ -4,7 +4,10 @@ the spellings the norm family must follow without anyone patching the model.
 - ``clip_tower``: open_clip's vision tower (a LayerNorm subclass that casts back to the input's dtype,
   ``nn.MultiheadAttention`` with ``batch_first``, QuickGELU, ``ln_pre`` before the first block's ``ln_1``, the
   pooled token through ``ln_post`` and ``x @ proj``);
-- ``mixer``: an MLP-Mixer (token mixing through ``norm(x).transpose(1, 2)``, channel mixing as usual).
+- ``mixer``: an MLP-Mixer (token mixing through ``norm(x).transpose(1, 2)``, channel mixing as usual);
+- ``dit``: a diffusion transformer with adaLN-Zero (DiT's spelling: norms without affine, each output
+  modulated per sample, ``x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)``, before the qkv and fc1 linears;
+  scale, shift and the gates computed from the conditioning by one linear and ``chunk``).
 """
 
 from __future__ import annotations
@@ -109,3 +112,61 @@ def mixer(seed: int = 0) -> nn.Module:
 
 def mixer_inputs(seed: int = 0) -> tuple[Tensor]:
     return (torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(seed)),)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def attn(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp.unsqueeze(1) * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class TinyDiT(nn.Module):
+    """Latent tokens in, noise prediction out; the conditioning (DiT: timestep plus class embeddings) is
+    computed from the tokens' mean here so the model takes one tensor."""
+
+    def __init__(self, width: int = 64, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.cond = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(layers))
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.cond(x.mean(1))
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.adaLN_final(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def dit(seed: int = 0) -> nn.Module:
+    """adaLN-Zero initialises the modulation to zero; random here, so scales and gates are not trivial."""
+    torch.manual_seed(seed)
+    return TinyDiT()
+
+
+def dit_inputs(seed: int = 0, batch: int = 2, tokens: int = 64) -> tuple[Tensor]:
+    return (torch.randn(batch, tokens, 64, generator=torch.Generator().manual_seed(seed)),)

@@ -12,6 +12,10 @@ and the norm's affine stays in its own backward (d gamma = sum dz * y_hat, d bet
 user's parameters are never folded or copied. The linear's forward uses z exactly as before; its
 backward rebuilds z = y_hat * (gamma + offset) + beta when (and only when) the weight needs a gradient.
 
+A norm's output scaled per sample before its linears (an adaptive norm: ``z * (1 + scale) + shift``) shares
+y_hat too: ``mul_shared`` is the multiply, keeping y_hat where ``z * s`` keeps z, and ``linear_shared`` takes
+the modulation folded into a broadcast affine (weight ``gamma * s``, bias ``beta * s + shift``).
+
 Forwards are opaque custom ops, so AOTAutograd's partitioner cannot recompute y_hat and keep x
 instead; their traceable twins (``ops/spec.py``) tag y_hat and rstd as kept and z as rebuilt.
 Backwards are plain torch code that the partitioner hands to inductor for fusion.
@@ -36,7 +40,7 @@ from ._fused import fused, is_tracing
 from .dropout import mask_bytes, mask_multiply
 from .spec import RECOMPUTE, SAVED, OpSpec, define_op
 
-__all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared"]
+__all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared", "mul_shared"]
 
 
 class SharedNorm(NamedTuple):
@@ -352,7 +356,8 @@ def _affine_in_weight_space(
     a plain norm -> linear in float32/float64 (no gather, mask, scale or cast, whose rounding z's own
     order fixes), run for real (a tracer fuses the rebuild itself) and not differentiated again."""
     dtypes = {t.dtype for t in (grad, y_hat, norm_weight, norm_bias) if t is not None} | {z_dtype}
-    return (index is None and mask is None and mask_scale == 1.0 and norm_dtype in (None, z_dtype)
+    per_column = all(t is None or t.dim() == 1 for t in (norm_weight, norm_bias))  # not a modulation's rows
+    return (per_column and index is None and mask is None and mask_scale == 1.0 and norm_dtype in (None, z_dtype)
             and len(dtypes) == 1 and z_dtype in (torch.float32, torch.float64)
             and not torch.is_grad_enabled() and not is_tracing(grad))
 
@@ -375,10 +380,20 @@ def _weight_grad_of_affine(grad: Tensor, y_hat: Tensor, norm_weight: Tensor | No
     return grad_w
 
 
+def _affine_rows(t: Tensor | None, y_hat: Tensor) -> Tensor | None:
+    """A norm weight or bias as it multiplies rows [-1, D] of y_hat: a [D] one as it is, a broadcast one (a
+    per-sample modulation folded into the affine, [B, 1, D]) expanded to y_hat's shape first (a transient
+    of backward, never kept)."""
+    if t is None or t.dim() <= 1:
+        return t
+    return t.expand(y_hat.shape).reshape(-1, y_hat.shape[-1])
+
+
 def _linear_backward_autograd(ctx, grad: Tensor):
     # plain torch ops: with create_graph=True they record a graph (through y_hat into the norm's backward)
     y_hat, weight, norm_weight, norm_bias, index, mask = ctx.saved_tensors
     need_z, _, need_w, need_b = ctx.needs_input_grad[:4]
+    norm_weight, norm_bias = _affine_rows(norm_weight, y_hat), _affine_rows(norm_bias, y_hat)
     grad_z, grad_w, grad_b = _linear_backward(
         grad.reshape(-1, grad.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]), weight, norm_weight, norm_bias,
         ctx.offset, ctx.transposed, ctx.z_dtype, ctx.compute_dtype, need_z, need_w, need_b and ctx.bias_dtype is not None,
@@ -399,6 +414,43 @@ define_op(OpSpec(
     "float norm_weight_offset, bool weight_transposed, Tensor? index, Tensor? mask, float mask_scale, "
     "ScalarType? norm_dtype) -> Tensor",
     _linear_shared_forward, _linear_shared_fake, _linear_setup, _linear_backward_autograd,
+))
+
+
+def _mul_shared_forward(form, h: Tensor, y_hat: Tensor, scale: Tensor, norm_weight: Tensor | None,
+                        norm_bias: Tensor | None, norm_weight_offset: float) -> Tensor:
+    return h * scale
+
+
+def _mul_shared_fake(h, y_hat, scale, norm_weight, norm_bias, norm_weight_offset):
+    return h.new_empty(h.shape, dtype=torch.result_type(h, scale))
+
+
+def _mul_setup(ctx, inputs, output) -> None:
+    h, y_hat, scale, norm_weight, norm_bias, offset = inputs
+    # h itself is not saved: the scale's gradient rebuilds it from the shared y_hat (only that gradient
+    # needs h, as autograd's mul keeps its input only for the other operand's gradient)
+    need_scale = ctx.needs_input_grad[2]
+    ctx.save_for_backward(scale, *((y_hat, norm_weight, norm_bias) if need_scale else (None, None, None)))
+    ctx.offset, ctx.h_dtype = offset, h.dtype
+
+
+def _mul_backward(ctx, grad: Tensor):
+    scale, y_hat, norm_weight, norm_bias = ctx.saved_tensors
+    need_h, _, need_scale = ctx.needs_input_grad[:3]
+    grad_h = (grad * scale).to(ctx.h_dtype) if need_h else None
+    grad_scale = None
+    if need_scale:
+        h = _affine(y_hat, norm_weight, norm_bias, ctx.offset, ctx.h_dtype)
+        grad_scale = (grad * h).to(scale.dtype).sum_to_size(scale.shape)
+    return grad_h, None, grad_scale, None, None, None
+
+
+define_op(OpSpec(
+    "approxbp::mul_shared",
+    "(Tensor h, Tensor y_hat, Tensor scale, Tensor? norm_weight, Tensor? norm_bias, float norm_weight_offset) "
+    "-> Tensor",
+    _mul_shared_forward, _mul_shared_fake, _mul_setup, _mul_backward,
 ))
 
 
@@ -463,7 +515,16 @@ def linear_shared(
     ``norm_dtype`` is the dtype of the norm's output when z is a widening cast of it (a bf16 norm read by
     a float32 adapter: ``z = out.to(torch.float32)``); backward rebuilds the output in that dtype and
     casts it, as the model did. y_hat may then be kept in the narrow dtype.
+
+    ``norm_weight``/``norm_bias`` may also broadcast to y_hat's shape (``[B, 1, D]`` for y_hat ``[B, T, D]``):
+    the norm's affine with a per-sample scale and shift folded in (a diffusion transformer's adaptive norm,
+    ``z * (1 + scale) + shift``: weight ``(gamma + offset) * (1 + scale)``, bias ``beta * (1 + scale) + shift``).
+    z then holds y_hat's rows in y_hat's order (no ``index``).
     """
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and t.dim() > 1 and (index is not None or _broadcasts_to(t, y_hat) is not None):
+            raise ValueError(f"{name} {tuple(t.shape)} must be [{y_hat.shape[-1]}] or broadcast to y_hat "
+                             f"{tuple(y_hat.shape)} (without an index)")
     rows = y_hat.reshape(-1, y_hat.shape[-1])
     expected = (rows.shape[0] if index is None else index.numel(), y_hat.shape[-1])
     if z.dim() == 0 or (z.numel() // z.shape[-1], z.shape[-1]) != expected:
@@ -477,3 +538,32 @@ def linear_shared(
     return torch.ops.approxbp.linear_shared(
         z, y_hat, weight, bias, norm_weight, norm_bias, float(norm_weight_offset), weight_transposed, index, mask,
         float(mask_scale), norm_dtype)
+
+
+def _broadcasts_to(t: Tensor, target: Tensor) -> str | None:
+    """None when t broadcasts to target's shape, else why not."""
+    try:
+        shape = torch.broadcast_shapes(t.shape, target.shape)
+    except RuntimeError as e:
+        return str(e)
+    return None if shape == target.shape else f"broadcasting gives {tuple(shape)}"
+
+
+def mul_shared(
+    h: Tensor, y_hat: Tensor, scale: Tensor, norm_weight: Tensor | None = None, norm_bias: Tensor | None = None,
+    norm_weight_offset: float = 0.0,
+) -> Tensor:
+    """``h * scale`` for h = y_hat * (norm_weight + offset) + norm_bias (a norm's output, or its output
+    already modulated, with that modulation folded into norm_weight/norm_bias), keeping the shared
+    ``y_hat`` for backward instead of h. ``scale`` (a per-sample scale, ``1 + scale[:, None]``) broadcasts to
+    h's shape; the scale's gradient rebuilds h from y_hat."""
+    for name, t in (("h", h), ("y_hat", y_hat), ("scale", scale)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if y_hat.shape != h.shape:
+        raise ValueError(f"y_hat {tuple(y_hat.shape)} must have h's shape {tuple(h.shape)}")
+    for name, t in (("scale", scale), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        why = None if t is None else _broadcasts_to(t, h)
+        if why is not None:
+            raise ValueError(f"{name} {tuple(t.shape)} does not broadcast to h {tuple(h.shape)}: {why}")
+    return torch.ops.approxbp.mul_shared(h, y_hat, scale, norm_weight, norm_bias, float(norm_weight_offset))

@@ -4,6 +4,9 @@
       -> linear (F.linear, nn.Linear, GPT-2's addmm), grouped matmul (a mixture-of-experts' experts) or the
          in-projection of ``F.multi_head_attention_forward`` (``_attention.py``)
 
+or, for an adaptive norm, ``z -> [views] -> [modulations: * s, + t] -> [reshapes, casts, dropout] -> linear``
+(``modulation``; the multiplies are consumers themselves).
+
 The walk knows where the normalized dim is (``dim_after_view``): views and transposes may rearrange the
 other dims, but the layer must read the normalized dim last, because its backward rebuilds its input as
 rows ``[-1, D]`` of y_hat put through the same views.
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from .._compat import grouped_mm as grouped_mm_private
 from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_basic_index, is_call, value
 
-__all__ = ["is_view", "is_permutation", "dim_after_view", "copies", "reads_metadata_only", "keeps_nothing", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["is_view", "is_permutation", "dim_after_view", "copies", "reads_metadata_only", "keeps_nothing", "modulation", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -215,6 +218,29 @@ def _cast(u: fx.Node, cur: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     a, b = value(cur), value(u)
     return (a, b) if a is not None and b is not None and (a.shape, a.device) == (b.shape, b.device) else None
+
+
+_MUL_FUNCTIONS, _MUL_METHODS = (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__")
+_ADD_FUNCTIONS, _ADD_METHODS = (operator.add, torch.add), ("add", "__add__", "__radd__")
+
+
+def modulation(u: fx.Node, cur: fx.Node, z: fx.Node) -> tuple[str, fx.Node] | None:
+    """("mul", s) for ``u = cur * s`` (either order), ("add", t) for ``u = cur + t``, where s or t is a tensor
+    with fewer elements than cur that broadcasts into cur's shape and is not computed from the norm's output
+    z: a per-sample (adaptive norm: ``x * (1 + scale[:, None]) + shift[:, None]``) or per-channel scale or
+    shift that can be folded into the norm's affine. A residual add (an operand as large as cur) is None."""
+    if u.kwargs or len(u.args) != 2 or not (is_call(u, _MUL_FUNCTIONS, _MUL_METHODS) or is_call(u, _ADD_FUNCTIONS, _ADD_METHODS)):
+        return None
+    a, b = u.args
+    other = b if a is cur else a if b is cur else None
+    if not isinstance(other, fx.Node) or other is cur:
+        return None
+    cv, ov, uv = value(cur), value(other), value(u)
+    if cv is None or ov is None or uv is None or not ov.is_floating_point() or not cv.is_floating_point():
+        return None
+    if uv.shape != cv.shape or ov.numel() >= cv.numel() or _depends_on(other, {z}):
+        return None
+    return ("mul" if is_call(u, _MUL_FUNCTIONS, _MUL_METHODS) else "add"), other
 
 
 def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:

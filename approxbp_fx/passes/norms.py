@@ -35,6 +35,12 @@ a training dropout, in that order (``_norm_consumers.py``):
              a = approxbp::linear_shared(d, y_hat, A, None, gamma, beta, ..., index=None, mask, scale)
                                                     keep y_hat (shared), idx and a 1-bit mask
 
+A modulation (an adaptive norm's per-sample scale and shift, ``_norm_consumers.modulation``) may come first:
+
+    before:  m = z * (1 + s) + t; q = linear(m, Wq)        the multiply keeps z, the linear m
+    after:   zs = approxbp::mul_shared(z, y_hat, 1 + s, gamma, beta, ...)
+             q = approxbp::linear_shared(zs + t, y_hat, Wq, None, gamma * (1 + s), beta * (1 + s) + t, ...)
+
 Backward rebuilds a layer's input as ``mask * scale * affine(y_hat)[idx]``. Any other consumer might keep
 the output itself (or a chain in another order), so the site is left alone and the report names it.
 """
@@ -89,6 +95,16 @@ class _Norm:
         return bool(self.nodes)
 
 
+@dataclass(frozen=True)
+class _Mod:
+    """A modulation between the norm and its layers (``_norm_consumers.modulation``): ``node`` is
+    ``input * operand`` (kind "mul") or ``input + operand`` (kind "add")."""
+
+    kind: str
+    node: fx.Node
+    operand: fx.Node
+
+
 @dataclass
 class _Consumer:
     """A layer that reads the norm's output z through a chain (``_norm_consumers``) and can share y_hat."""
@@ -108,9 +124,13 @@ class _Consumer:
     offs: fx.Node | None = None  # a grouped matmul's per-expert offsets
     attention: _attention.MhaCall | None = None  # an MHA call whose in-projection reads the output
     copied: bool = False  # a view on the way copies the output (a reshape of a transposed view): eager keeps that copy
+    modulation: tuple[_Mod, ...] = ()  # the scales and shifts between z and input, in order
+    scale: fx.Node | None = None  # node is the modulation ``input * scale`` itself (approxbp::mul_shared)
 
     @property
     def kind(self) -> str:
+        if self.scale is not None:
+            return "modulation"
         return "attention" if self.attention is not None else "grouped_mm" if self.grouped else "linear"
 
 
@@ -129,6 +149,18 @@ class _Path:
     # (``_norm_consumers.dim_after_view``); layers must read it last
     dim: int | None = -1
     copied: bool = False  # a view on the way copied the output (``links.copies``)
+    modulation: tuple[_Mod, ...] = ()
+    mod_shape: torch.Size | None = None  # the shape the first modulation broadcast its operand into
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What stays the same through one walk from z."""
+
+    z: fx.Node
+    d: int | None  # the normalized dim's size
+    follow_dropout: bool
+    norm_readers: frozenset[fx.Node]
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -184,14 +216,31 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
     second gather or dropout is not followed."""
     zv = value(z)
     d = zv.shape[-1] if zv is not None and zv.dim() > 0 else None
+    return _walk(gm, _Path(z), _Walk(z, d, follow_dropout, norm_readers))
+
+
+def _walk(gm: fx.GraphModule, start: _Path, walk: _Walk) -> tuple[list[_Consumer], str | None, int]:
+    """``_consumers`` from ``start`` on."""
+    d, follow_dropout, norm_readers = walk.d, walk.follow_dropout, walk.norm_readers
     consumers: list[_Consumer] = []
     dropouts = 0
-    todo = [_Path(z)]
+    todo = [start]
     while todo:
         path = todo.pop()
         cur = path.node
-        gathered_or_dropped = path.index is not None or path.dropout is not None
+        # after a gather, a dropout or a modulation the layer's rows are rebuilt in y_hat's order
+        gathered_or_dropped = path.index is not None or path.dropout is not None or bool(path.modulation)
         for u in cur.users:
+            mod = links.modulation(u, cur, walk.z)
+            if mod is not None:
+                found = _modulated(gm, u, cur, path, mod, walk)
+                if isinstance(found, str):
+                    return consumers, found, dropouts
+                if any(c.node is f.node for c in consumers for f in found[0]):
+                    return consumers, f"a layer after {u.name} reads the output through two different chains", dropouts
+                consumers += found[0]
+                dropouts += found[1]
+                continue
             if is_call(u, ADD_FUNCTIONS, ("add", "__add__")) or u.op == "output" or links.reads_metadata_only(u, cur) \
                     or links.keeps_nothing(gm, u, cur) or u in norm_readers:
                 continue  # keeps nothing
@@ -231,6 +280,8 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
                     return consumers, f"rows {u.name} are gathered from gathered rows {path.index.name}", dropouts
                 if path.dim != -1:
                     return consumers, f"rows {u.name} are gathered from a view whose last dim is not the normalized one", dropouts
+                if path.modulation:
+                    return consumers, f"rows {u.name} are gathered from a modulated output", dropouts
                 todo.append(replace(path, node=u, index=index))
                 continue
             factor = _constant_factor(u, cur)
@@ -269,6 +320,38 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
     return consumers, None, dropouts
 
 
+def _modulated(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path, mod: tuple[str, fx.Node],
+               walk: _Walk) -> tuple[list[_Consumer], int] | str:
+    """The consumers reached through the modulation u of cur (and u itself, a multiply, which keeps cur for
+    its operand's gradient), with the dropouts not followed; or why u blocks sharing.
+
+    When the layers after u cannot all share y_hat, they are left alone: they keep their own copies of u's
+    output, not z. An add keeps nothing of cur then; a multiply still shares y_hat."""
+    kind, operand = mod
+    cv = value(cur)
+    why = None
+    if path.index is not None or path.dropout is not None or path.factor != 1.0 or path.norm_dtype is not None:
+        why = f"modulation {u.name} follows a gather, dropout, constant scale or cast of the output"
+    elif path.dim != -1 or any(links.is_permutation(v) for v in path.chain):
+        why = f"modulation {u.name} reads a permuted view of the output"
+    elif path.mod_shape is not None and cv.shape != path.mod_shape:
+        why = f"modulation {u.name} reads a reshaped modulated output"
+    found: list[_Consumer] = []
+    dropouts = 0
+    if why is None:
+        after = replace(path, node=u, modulation=path.modulation + (_Mod(kind, u, operand),),
+                        mod_shape=path.mod_shape or cv.shape)
+        sub, blocker, n = _walk(gm, after, walk)
+        if blocker is None:
+            found, dropouts = sub, n
+    if kind == "add":
+        return found, dropouts  # keeps nothing of cur
+    if why is not None:
+        return why
+    mul = _Consumer(node=u, input=cur, chain=path.chain, weight=operand, modulation=path.modulation, scale=operand)
+    return [mul, *found], dropouts
+
+
 def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
     """c for ``cur * c`` / ``c * cur`` with a Python number c (not a tensor: that would be kept), else None."""
     if not is_call(u, (operator.mul, torch.mul), ("mul", "__mul__")) or len(u.args) != 2 or u.kwargs:
@@ -282,10 +365,12 @@ def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
 def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
     at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
-          "factor": path.factor, "norm_dtype": path.norm_dtype, "copied": path.copied}
+          "factor": path.factor, "norm_dtype": path.norm_dtype, "copied": path.copied, "modulation": path.modulation}
     lin = linear_call(gm, u)
     if lin is not None and lin.input is cur:
         return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
+    if path.modulation and (links.grouped_mm(u, cur) is not None or _attention.mha_in_projection(u, cur) is not None):
+        return f"{u.name} reads a modulated output; only linears are rebuilt from a modulated y_hat"
     mha = _attention.mha_in_projection(u, cur)
     if isinstance(mha, str):
         return mha
@@ -310,13 +395,14 @@ def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consum
 def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
     """``rms_norm (...) -> 1 x linear, 2 x grouped_mm (gathered)``: what the site found."""
     parts = []
-    for kind in ("linear", "grouped_mm", "attention"):
+    for kind in ("linear", "grouped_mm", "attention", "modulation"):
         of_kind = [c for c in consumers if c.kind == kind]
         if not of_kind and (kind != "linear" or consumers):
             continue
         notes = []
         for note, n in (("gathered", sum(c.index is not None for c in of_kind)),
-                        ("through dropout", sum(c.dropout is not None for c in of_kind))):
+                        ("through dropout", sum(c.dropout is not None for c in of_kind)),
+                        ("modulated", sum(bool(c.modulation) for c in of_kind if c.scale is None))):
             if n:
                 notes.append(note if n == len(of_kind) else f"{n} {note}")
         parts.append(f"{len(of_kind)} x {kind}" + (f" ({', '.join(notes)})" if notes else ""))
@@ -325,10 +411,10 @@ def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
 
 def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
     """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
-    each distinct gathered, dropped-out, cast or copied (a reshape of a transposed view) tensor a layer with
-    a trainable weight would keep."""
+    each distinct gathered, dropped-out, cast, copied (a reshape of a transposed view) or modulated tensor a
+    layer with a trainable weight (or a modulation whose scale needs a gradient) would keep."""
     own = {c.input for c in consumers
-           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None or c.copied)
+           if (c.index is not None or c.dropout is not None or c.norm_dtype is not None or c.copied or c.modulation)
            and requires_grad(gm, c.weight)}
     return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
 
@@ -429,7 +515,10 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
         y_hat = edit.call(operator.getitem, (triple, 1))
     edit.replace(norm.z, z)
     masks: dict[fx.Node, fx.Node] = {}  # dropout -> its packed mask, one per dropout whatever reads it
+    folded: dict[tuple[fx.Node, ...], tuple[object, object, float]] = {}
     for c in consumers:
+        # the affine that gives the layer's input from y_hat: the norm's, with the modulations on the way
+        affine = _fold(edit, c.modulation, weight, bias, norm.offset, folded)
         mask, scale = None, c.factor
         if c.dropout is not None:
             if c.dropout not in masks:
@@ -439,7 +528,9 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
             shared = y_hat  # not gathered: a gathered copy would be a new tensor to keep
             for view in _replayed(c.chain):  # the views z went through before the gather (or the layer)
                 shared = edit.copy(view, lambda a, v=view, s=shared: s if a is edit.node(v.args[0]) else a)
-            if c.attention is not None:
+            if c.scale is not None:
+                new = edit.call(torch.ops.approxbp.mul_shared.default, (c.input, shared, c.scale, *affine))
+            elif c.attention is not None:
                 new = _attention.emit(edit, c.node, c.attention, c.input, lambda w, b, s=shared: edit.call(
                     torch.ops.approxbp.linear_shared.default,
                     (c.input, s, w, b, weight, bias, norm.offset, False, None, None, 1.0, c.norm_dtype)))
@@ -448,9 +539,32 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
                     c.input, shared, c.index, c.weight, c.offs, weight, bias, norm.offset, mask, scale, c.grouped))
             else:
                 new = edit.call(torch.ops.approxbp.linear_shared.default, (
-                    c.input, shared, edit.ref(c.weight), edit.ref(c.bias), weight, bias, norm.offset,
+                    c.input, shared, edit.ref(c.weight), edit.ref(c.bias), *affine,
                     c.transposed, c.index, mask, scale, c.norm_dtype))
         edit.replace(c.node, new)
+
+
+def _fold(edit: GraphEdit, mods: tuple[_Mod, ...], weight: object, bias: object, offset: float,
+          memo: dict[tuple[fx.Node, ...], tuple[object, object, float]]) -> tuple[object, object, float]:
+    """(weight, bias, offset) of the affine that gives a modulated output from y_hat: ``* s`` makes it
+    ``(weight + offset) * s`` and ``bias * s``, ``+ t`` makes the bias ``bias + t``. Small tensors ([B, 1, D]
+    for a per-sample modulation) computed before the modulation itself, once per prefix of links."""
+    if not mods:
+        return weight, bias, offset
+    key = tuple(m.node for m in mods)
+    if key not in memo:
+        w, b, off = _fold(edit, mods[:-1], weight, bias, offset, memo)
+        m = mods[-1]
+        with edit.inserting_before(m.node):
+            if off and w is not None:
+                w = edit.call(operator.add, (w, off))
+            if m.kind == "mul":
+                w = m.operand if w is None else edit.call(operator.mul, (w, m.operand))
+                b = None if b is None else edit.call(operator.mul, (b, m.operand))
+            else:
+                b = m.operand if b is None else edit.call(operator.add, (b, m.operand))
+        memo[key] = (w, b, 0.0)
+    return memo[key]
 
 
 def _replayed(chain: list[fx.Node]) -> list[fx.Node]:

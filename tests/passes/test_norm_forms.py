@@ -147,7 +147,7 @@ class UnbiasedVariance(Form):
 
 class ScaledWeight(Form):
     """RMSNorm times 2 * weight: a weight scaled by a constant is no parameter of the norm's; the norm
-    found is the one without weight, whose output the multiply by 2 * weight reads."""
+    found is the one without weight, whose output the multiply by 2 * weight (a [D] modulation) reads."""
 
     def norm(self, x):
         return (2.0 * self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
@@ -263,7 +263,8 @@ def test_scaled_weight_is_not_the_norms_weight() -> None:
     (norm,) = _computed(gm)
     assert norm.rms and norm.weight is None and norm.bias is None
     (candidate,) = norms.find(gm, Options(inner="eager"))
-    assert "consumer" in candidate.skip  # the multiply reads the norm's output, not a linear
+    # the multiply is a modulation folded into the affine the linear rebuilds
+    assert not candidate.skip and "modulated" in candidate.pattern, candidate
 
 
 def test_layer_norm_claims_its_second_reduction() -> None:
