@@ -7,9 +7,9 @@
 or, for an adaptive norm, ``z -> [views] -> [modulations: * s, + t] -> [reshapes, casts, dropout] -> linear``
 (``modulation``; the multiplies are consumers themselves).
 
-The walk knows where the normalized dim is (``dim_after_view``): views and transposes may rearrange the
-other dims, but the layer must read the normalized dim last, because its backward rebuilds its input as
-rows ``[-1, D]`` of y_hat put through the same views.
+The walk knows where the normalized dim is (``dim_after_view``): views and transposes may move it; a
+layer's backward rebuilds its input from y_hat put through the same views, with the affine broadcast
+along wherever the dim ended up (a linear over tokens reads ``norm(x).transpose(1, 2)``).
 
 ``norms._consumers`` walks the chain with these predicates; each answers for one node ``u`` reading
 ``cur``: None when ``u`` is not that kind of link, a value when it is one the rewrite can follow, and a

@@ -23,8 +23,8 @@ GPT-2's ``addmm``), a grouped matmul (a mixture-of-experts' experts) or the in-p
 the rest of torch's function, ``_attention.py``), or an op that keeps nothing of it (add, ``zeros_like``, a
 bitsandbytes 4-bit layer: ``_norm_consumers.keeps_nothing``), and at least one of those layers would keep
 its own copy (its weight needs a gradient). On the way a layer may read the output through views
-(reshapes, basic indexing, transposes and permutes that leave the normalized dim last: the walk tracks
-where it is, and refuses a view that moves it) and casts (no-op, or exact widening casts such as PEFT's
+(reshapes, basic indexing, transposes and permutes: the walk tracks where the normalized dim is, and a
+linear over another dim, MLP-Mixer's token mixing, gets the affine broadcast along it) and casts (no-op, or exact widening casts such as PEFT's
 ``z.to(float32)`` before a float32 adapter: backward casts the rebuilt bf16 output again), a row gather and
 a training dropout, in that order (``_norm_consumers.py``):
 
@@ -125,6 +125,9 @@ class _Consumer:
     attention: _attention.MhaCall | None = None  # an MHA call whose in-projection reads the output
     copied: bool = False  # a view on the way copies the output (a reshape of a transposed view): eager keeps that copy
     modulation: tuple[_Mod, ...] = ()  # the scales and shifts between z and input, in order
+    # where the normalized dim is in input (-1: last); elsewhere, a linear mixes another dim (MLP-Mixer's
+    # tokens, ``norm(x).transpose(1, 2)``) and the norm's affine is reshaped to broadcast along it
+    dim: int = -1
     scale: fx.Node | None = None  # node is the modulation ``input * scale`` itself (approxbp::mul_shared)
 
     @property
@@ -260,11 +263,6 @@ def _walk(gm: fx.GraphModule, start: _Path, walk: _Walk) -> tuple[list[_Consumer
                 dim = links.dim_after_view(u, cur, path.dim, d)
                 if isinstance(dim, str):
                     return consumers, dim, dropouts
-                if dim is not None and dim != -1:
-                    # backward rebuilds a layer's input as rows [-1, D] of y_hat: the normalized dim must
-                    # stay last (a layer reading another dim would need y_hat permuted back)
-                    return consumers, (f"consumer {u.name} moves the normalized dim to position {dim}; "
-                                       "only views that keep it last are followed"), dropouts
                 # before a gather, y_hat goes through the same views; after it the rows keep their order
                 todo.append(replace(path, node=u, dim=dim, copied=path.copied or links.copies(u, cur),
                                     chain=path.chain if gathered_or_dropped else path.chain + [u]))
@@ -312,8 +310,12 @@ def _walk(gm: fx.GraphModule, start: _Path, walk: _Walk) -> tuple[list[_Consumer
                 what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
                 return consumers, f"consumer {u.name} ({what}) may keep its own copy of the output", dropouts
             cv = value(cur)
-            if path.dim != -1 or (cv is not None and d is not None and (cv.dim() == 0 or cv.shape[-1] != d)):
+            if path.dim is None or (path.dim == -1 and cv is not None and d is not None
+                                    and (cv.dim() == 0 or cv.shape[-1] != d)):
                 return consumers, f"consumer {u.name} reads a view whose last dim is not the normalized one", dropouts
+            if path.dim != -1 and found.kind != "linear":
+                return consumers, (f"{found.kind} {u.name} reads a view with the normalized dim at position "
+                                   f"{path.dim}; only a linear is rebuilt from such a view"), dropouts
             if any(c.node is u for c in consumers):
                 return consumers, f"consumer {u.name} reads the output through two different chains", dropouts
             consumers.append(found)
@@ -365,7 +367,8 @@ def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
 def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consumer | str | None:
     """u as a consumer reading cur (a linear, GPT-2's addmm, a grouped matmul), a reason it cannot share, or None."""
     at = {"node": u, "input": cur, "chain": path.chain, "index": path.index, "dropout": path.dropout, "p": path.p,
-          "factor": path.factor, "norm_dtype": path.norm_dtype, "copied": path.copied, "modulation": path.modulation}
+          "factor": path.factor, "norm_dtype": path.norm_dtype, "copied": path.copied, "modulation": path.modulation,
+          "dim": path.dim}
     lin = linear_call(gm, u)
     if lin is not None and lin.input is cur:
         return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
@@ -519,6 +522,8 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
     for c in consumers:
         # the affine that gives the layer's input from y_hat: the norm's, with the modulations on the way
         affine = _fold(edit, c.modulation, weight, bias, norm.offset, folded)
+        if c.dim != -1:
+            affine = _along(edit, c.node, affine, c.dim)
         mask, scale = None, c.factor
         if c.dropout is not None:
             if c.dropout not in masks:
@@ -542,6 +547,15 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
                     c.input, shared, edit.ref(c.weight), edit.ref(c.bias), *affine,
                     c.transposed, c.index, mask, scale, c.norm_dtype))
         edit.replace(c.node, new)
+
+
+def _along(edit: GraphEdit, before: fx.Node, affine: tuple[object, object, float], dim: int) -> tuple[object, object, float]:
+    """The affine's [D] weight and bias as views [D, 1, ...] that broadcast along the normalized dim at
+    position ``dim`` of the layer's input."""
+    shape = (-1,) + (1,) * (-dim - 1)
+    with edit.inserting_before(before):
+        w, b = (None if t is None else edit.method("reshape", (t, shape)) for t in affine[:2])
+    return w, b, affine[2]
 
 
 def _fold(edit: GraphEdit, mods: tuple[_Mod, ...], weight: object, bias: object, offset: float,

@@ -193,3 +193,28 @@ def test_clip_style_tower_shares_every_norm():
                        {n: p.grad for n, p in ref_model.named_parameters()}, 1e-5)
     norms = [s for r in reports for s in r.sites if s.family == "norms"]
     assert len(norms) == 6 and all(s.rewritten for s in norms), norms
+
+
+def test_mlp_mixer_shares_both_norms_of_each_block():
+    """Token mixing reads ``norm1(x).transpose(1, 2)``: a linear over tokens, the normalized dim second to
+    last. Both norms of each block rewritten; gradients equal autograd's; the final norm, read only by a
+    mean, has nothing to share."""
+    from handwritten import mixer, mixer_inputs
+
+    model = mixer()
+    (x,) = mixer_inputs()
+    ref = train_step(model, model, x)
+    rewritten = copy.deepcopy(model)
+    with approxbp_fx.collect_reports() as reports:
+        got = train_step(rewritten, approxbp_fx.compile(rewritten, **EXACT), x)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    # the token-mixing output bias adds one value per token to every channel, which the next norm (over
+    # channels) takes out again: its true gradient is zero, and both runs' are rounding noise (~1e-7)
+    largest = max(g.norm() for g in ref[1].values())
+    kept = [n for n, g in ref[1].items() if g.norm() > 1e-5 * largest]
+    assert len(kept) >= len(ref[1]) - 2
+    assert_grads_close({n: got[1][n] for n in kept}, {n: ref[1][n] for n in kept}, 1e-5)
+    sites = {s.path: s for r in reports for s in r.sites if s.family == "norms"}
+    blocks = [s for path, s in sites.items() if path.startswith("blocks")]
+    assert len(blocks) == 4 and all(s.rewritten for s in blocks), sites
+    assert got[2] < ref[2], (got[2], ref[2])
