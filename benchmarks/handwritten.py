@@ -8,7 +8,8 @@ Per model: the norms rewritten of those found (``approxbp_fx.explain``, default 
 forward keeps for backward (``approxbp_fx.saved_activation_bytes``) as ratios to the same-mode baseline
 (eager + approxbp with the eager inner, default options and with the activations off, against eager;
 torch.compile + approxbp, inductor inner, against plain torch.compile), and the largest relative L2 error of
-a gradient in exact mode (activations off, eager inner) against plain autograd.
+a gradient in exact mode (activations off, eager inner) against plain autograd (gradients that are zero up
+to rounding, below 1e-5 of the largest, left out).
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ def measure(name: str) -> dict[str, object]:
     inductor, _ = _bytes(model, approxbp_fx.compile, x)
     # dropout draws differ between the runs: compare gradients only where the model has none in training
     has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-    err = None if has_dropout else max(
-        float((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm().clamp_min(1e-30)) for k in ref_grads)
+    # gradients that cancel (MLP-Mixer's token-mixing output bias, which the next norm takes out again: zero
+    # up to rounding in both runs) are left out of the relative error
+    largest = max(float(g.norm()) for g in ref_grads.values())
+    err = None if has_dropout else max(float((grads[k] - g).norm() / g.norm()) for k, g in ref_grads.items()
+                                       if float(g.norm()) > 1e-5 * largest)
     return {"name": name, "rewritten": sum(s.rewritten for s in norms), "found": len(norms),
             "skips": sorted({s.reason for s in norms if not s.rewritten}), "eager": eager,
             "inner": inner / eager, "exact": exact / eager, "compiled": compiled, "inductor": inductor / compiled,

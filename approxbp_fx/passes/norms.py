@@ -47,6 +47,7 @@ the output itself (or a chain in another order), so the site is left alone and t
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field, replace
 
@@ -154,6 +155,7 @@ class _Path:
     copied: bool = False  # a view on the way copied the output (``links.copies``)
     modulation: tuple[_Mod, ...] = ()
     mod_shape: torch.Size | None = None  # the shape the first modulation broadcast its operand into
+    fold_shape: tuple[int, ...] | None = None  # the shape of the affine with the modulations folded in
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class _Walk:
     d: int | None  # the normalized dim's size
     follow_dropout: bool
     norm_readers: frozenset[fx.Node]
+    affine_shape: tuple[int, ...] = ()  # the norm's weight and bias: (D,), or () without them
 
 
 def _normalized_ndim(shape: object) -> int:
@@ -207,9 +210,9 @@ def _find_norm(gm: fx.GraphModule, n: fx.Node, order: dict[fx.Node, int]) -> _No
     return _find_call_norm(gm, n) or _find_computed_norm(gm, n, order)
 
 
-def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
+def _consumers(gm: fx.GraphModule, norm: _Norm, follow_dropout: bool = True,
                norm_readers: frozenset[fx.Node] = frozenset()) -> tuple[list[_Consumer], str | None, int]:
-    """Layers that read z and can share y_hat, the first consumer that blocks sharing (or None), and how
+    """Layers that read the norm's output z and can share y_hat, the first consumer that blocks sharing (or None), and how
     many dropouts were not followed (``follow_dropout=False``). ``norm_readers`` are the nodes by which
     norms that will be rewritten read their input: such a norm keeps its own y_hat, nothing of z.
 
@@ -217,9 +220,11 @@ def _consumers(gm: fx.GraphModule, z: fx.Node, follow_dropout: bool = True,
     then the layer; views and no-op casts may also follow the gather and the dropout. The backward
     rebuilds the layer's input as ``mask * (affine(y_hat)[index])``, so a dropout before the gather or a
     second gather or dropout is not followed."""
+    z = norm.z
     zv = value(z)
     d = zv.shape[-1] if zv is not None and zv.dim() > 0 else None
-    return _walk(gm, _Path(z), _Walk(z, d, follow_dropout, norm_readers))
+    affine = (d,) if d is not None and (norm.weight is not None or norm.bias is not None) else ()
+    return _walk(gm, _Path(z), _Walk(z, d, follow_dropout, norm_readers, affine))
 
 
 def _walk(gm: fx.GraphModule, start: _Path, walk: _Walk) -> tuple[list[_Consumer], str | None, int]:
@@ -327,8 +332,9 @@ def _modulated(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path, mod: t
     """The consumers reached through the modulation u of cur (and u itself, a multiply, which keeps cur for
     its operand's gradient), with the dropouts not followed; or why u blocks sharing.
 
-    When the layers after u cannot all share y_hat, they are left alone: they keep their own copies of u's
-    output, not z. An add keeps nothing of cur then; a multiply still shares y_hat."""
+    When the layers after u cannot all share y_hat, or the affine with u folded in would be as large as the
+    output (a [B, T, 1] scale of a norm with a [D] weight), they are left alone: they keep their own copies
+    of u's output, not z. An add keeps nothing of cur then; a multiply still shares y_hat."""
     kind, operand = mod
     cv = value(cur)
     why = None
@@ -340,9 +346,11 @@ def _modulated(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path, mod: t
         why = f"modulation {u.name} reads a reshaped modulated output"
     found: list[_Consumer] = []
     dropouts = 0
-    if why is None:
+    fold = tuple(torch.broadcast_shapes(walk.affine_shape if path.fold_shape is None else path.fold_shape,
+                                        value(operand).shape))
+    if why is None and math.prod(fold) < cv.numel():
         after = replace(path, node=u, modulation=path.modulation + (_Mod(kind, u, operand),),
-                        mod_shape=path.mod_shape or cv.shape)
+                        mod_shape=path.mod_shape or cv.shape, fold_shape=fold)
         sub, blocker, n = _walk(gm, after, walk)
         if blocker is None:
             found, dropouts = sub, n
@@ -470,7 +478,7 @@ def _feeds_norm(z: fx.Node, norm_readers: frozenset[fx.Node]) -> bool:
 
 
 def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_readers: frozenset[fx.Node]) -> Candidate:
-    consumers, blocker, dropouts = _consumers(gm, norm.z, getattr(options, "masks", True), norm_readers)
+    consumers, blocker, dropouts = _consumers(gm, norm, getattr(options, "masks", True), norm_readers)
     # Read by another norm that is rewritten (which keeps its own y_hat): this norm's output is then kept by
     # nobody, and the rewrite keeps y_hat and rstd where a LayerNorm kept x, its mean and rstd: the mean less.
     feeds_norm = _feeds_norm(norm.z, norm_readers)

@@ -156,3 +156,21 @@ def test_dit_every_norm_shared_exactly(dit_and_inputs):
     hidden = x.numel() * 4
     rows = x.numel() // x.shape[-1]
     assert got[2] <= ref[2] - 5 * (2 * hidden - rows * 4 * 2), f"kept {got[2]} of eager's {ref[2]}"
+
+
+
+def test_per_token_scale_of_an_affine_norm_is_not_folded():
+    """A [B, T, 1] scale (a per-token gate) of a norm with a [D] weight would fold into a [B, T, D] weight, as
+    large as what it saves: the multiply still shares y_hat (it kept the output for the gate's gradient),
+    the linears after it keep their own input."""
+
+    class PerToken(Modulated):
+        def forward(self, x):
+            gate = torch.sigmoid(x[..., :1])  # [B, T, 1]
+            h = self.norm(x) * gate
+            return x + self.q(h) + self.fc(h)[..., :D]
+
+    eager, saved, sites = _compare(PerToken("scale only", affine=True), **EXACT)
+    assert len(sites) == 1 and sites[0].rewritten and "1 x modulation" in sites[0].pattern, sites
+    assert "modulated" not in sites[0].pattern, sites[0].pattern
+    assert saved <= eager - N + 4 * SMALL, f"kept {saved} of eager's {eager}"  # the output the multiply kept
