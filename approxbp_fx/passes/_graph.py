@@ -105,8 +105,8 @@ def is_call(node: Any, functions: Sequence[Any] = (), methods: Sequence[str] = (
 
 
 # Ops that only change how a tensor is viewed: a linear behind them still consumes the norm's output.
-VIEW_METHODS = ("view", "reshape", "contiguous", "flatten", "unflatten")
-VIEW_FUNCTIONS = (torch.reshape, torch.flatten)
+VIEW_METHODS = ("view", "reshape", "contiguous", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as")
+VIEW_FUNCTIONS = (torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze)
 
 def is_basic_index(node: fx.Node) -> bool:
     """``t[...]`` with slices, ints, None and Ellipsis only: a view of t."""

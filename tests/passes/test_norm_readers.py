@@ -218,3 +218,19 @@ def test_mlp_mixer_shares_both_norms_of_each_block():
     blocks = [s for path, s in sites.items() if path.startswith("blocks")]
     assert len(blocks) == 4 and all(s.rewritten for s in blocks), sites
     assert got[2] < ref[2], (got[2], ref[2])
+
+
+@pytest.mark.parametrize("view", ["unsqueeze", "torch.unsqueeze", "squeeze", "view_as"])
+def test_views_that_add_or_drop_unit_dims(view):
+    """``h.unsqueeze(0)`` (DeBERTa-style relative embeddings), ``squeeze``, ``view_as``: the rows keep their order."""
+
+    class Unit(NormToMatmul):
+        def forward(self, x):
+            h = self.norm(x)
+            v = {"unsqueeze": lambda: h.unsqueeze(0), "torch.unsqueeze": lambda: torch.unsqueeze(h, 1),
+                 "squeeze": lambda: h[None].squeeze(0), "view_as": lambda: h.view_as(x)}[view]()
+            return (v @ self.proj).sum(0) + h[..., :OUT]
+
+    eager, saved, sites = _compare(Unit("matmul"), **EXACT)
+    assert len(sites) == 1 and sites[0].rewritten, sites
+    assert saved <= N + N // WIDTH, f"kept {saved}, y_hat and rstd are {N + N // WIDTH}"
