@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .._compat import grouped_mm as grouped_mm_private
 from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_basic_index, is_call, value
 
-__all__ = ["is_view", "is_permutation", "dim_after_view", "copies", "reads_metadata_only", "keeps_nothing", "modulation", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["is_view", "is_permutation", "dim_after_view", "split_parts", "copies", "reads_metadata_only", "keeps_nothing", "modulation", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -77,6 +77,34 @@ def dim_after_view(u: fx.Node, cur: fx.Node, dim: int | None, d: int | None) -> 
             return perm
         return perm.index(cv.dim() + dim) - cv.dim()
     return _dim_after_index(u, cv.dim(), dim)
+
+
+_SPLIT_METHODS = ("chunk", "split", "unbind")
+_SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.unbind)
+
+
+def split_parts(u: fx.Node, cur: fx.Node, dim: int | None) -> tuple[list[fx.Node], int] | str | None:
+    """(the parts, where the normalized dim is in them) for ``cur.chunk(n, k)`` / ``split`` / ``unbind`` along
+    another dim than the normalized one (ProphetNet's main and predict streams: ``h.chunk(2, dim=1)``), each
+    part taken by ``parts[i]``: views of cur. A reason where the split cannot be followed; None: no split."""
+    if not (is_call(u, _SPLIT_FUNCTIONS, _SPLIT_METHODS) and u.args and u.args[0] is cur):
+        return None
+    cv = value(cur)
+    if cv is None:
+        return f"{u.name}: no shape information for the split"
+    unbind = is_call(u, (torch.unbind,), ("unbind",))
+    k = arg(u, 1 if unbind else 2, "dim", 0)
+    if not isinstance(k, int):
+        return f"{u.name} splits along a dim known only at run time"
+    k = k - cv.dim() if k >= 0 else k
+    if dim is None:
+        return f"{u.name} splits a view whose last dim was merged or split"
+    if k == dim:
+        return f"{u.name} splits the normalized dim"
+    parts = list(u.users)
+    if not all(is_call(p, (operator.getitem,)) and isinstance(p.args[1], int) for p in parts):
+        return f"{u.name}: its parts are used other than by index"
+    return parts, (dim + 1 if unbind and k > dim else dim)
 
 
 def copies(u: fx.Node, cur: fx.Node) -> bool:

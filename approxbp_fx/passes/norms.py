@@ -272,6 +272,15 @@ def _walk(gm: fx.GraphModule, start: _Path, walk: _Walk) -> tuple[list[_Consumer
                 todo.append(replace(path, node=u, dim=dim, copied=path.copied or links.copies(u, cur),
                                     chain=path.chain if gathered_or_dropped else path.chain + [u]))
                 continue
+            split = links.split_parts(u, cur, path.dim)
+            if split is not None:
+                if isinstance(split, str):
+                    return consumers, split, dropouts
+                if gathered_or_dropped:
+                    return consumers, f"consumer {u.name} splits rows after a gather, dropout or modulation", dropouts
+                parts, dim = split
+                todo += [replace(path, node=p, dim=dim, chain=path.chain + [u, p]) for p in parts]
+                continue
             index = links.row_gather(u, cur, d)
             if index is not None:
                 if isinstance(index, str):

@@ -234,3 +234,34 @@ def test_views_that_add_or_drop_unit_dims(view):
     eager, saved, sites = _compare(Unit("matmul"), **EXACT)
     assert len(sites) == 1 and sites[0].rewritten, sites
     assert saved <= N + N // WIDTH, f"kept {saved}, y_hat and rstd are {N + N // WIDTH}"
+
+
+@pytest.mark.parametrize("split", ["chunk", "split", "unbind", "torch.chunk"])
+def test_parts_of_the_output_along_another_dim(split):
+    """ProphetNet splits its streams with ``h.chunk(2, dim=1)``: each part is a view, and the linears reading
+    the parts share y_hat (replayed through the same split)."""
+
+    class Parts(NormToMatmul):
+        def forward(self, x):
+            h = self.norm(x)
+            if split == "unbind":
+                parts = h.unbind(0)
+            else:
+                parts = {"chunk": lambda: h.chunk(2, dim=1), "split": lambda: h.split([6, 10], 1),
+                         "torch.chunk": lambda: torch.chunk(h, 2, 0)}[split]()
+            return sum((p @ self.proj).sum() for p in parts) + (h @ self.proj).mean()
+
+    eager, saved, sites = _compare(Parts("matmul"), **EXACT)
+    assert len(sites) == 1 and sites[0].rewritten, sites
+    assert saved <= N + N // WIDTH, f"kept {saved}, y_hat and rstd are {N + N // WIDTH}"
+
+
+def test_split_of_the_normalized_dim_is_refused():
+    class Halves(NormToMatmul):
+        def forward(self, x):
+            a, b = self.norm(x).chunk(2, dim=-1)
+            return a @ self.proj[:WIDTH // 2] + b @ self.proj[WIDTH // 2:]
+
+    report = approxbp_fx.explain(Halves("matmul"), _inputs(), options=EXACT)
+    (site,) = [s for s in report.sites if s.family == "norms"]
+    assert not site.rewritten and "splits the normalized dim" in site.reason, site
