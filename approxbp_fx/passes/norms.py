@@ -349,17 +349,17 @@ def _modulated(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path, mod: t
     why = None
     if path.index is not None or path.dropout is not None or path.factor != 1.0 or path.norm_dtype is not None:
         why = f"modulation {u.name} follows a gather, dropout, constant scale or cast of the output"
+    elif path.dim is None:
+        why = f"modulation {u.name} reads a view whose last dim merged or split the normalized one"
     elif path.dim != -1 or any(links.is_permutation(v) for v in path.chain):
         why = f"modulation {u.name} reads a permuted view of the output"
     elif path.mod_shape is not None and cv.shape != path.mod_shape:
         why = f"modulation {u.name} reads a reshaped modulated output"
     found: list[_Consumer] = []
     dropouts = 0
-    fold = tuple(torch.broadcast_shapes(walk.affine_shape if path.fold_shape is None else path.fold_shape,
-                                        value(operand).shape))
-    if why is None and math.prod(fold) < cv.numel():
+    if why is None and math.prod(_fold_shape(walk, path, operand)) < cv.numel():
         after = replace(path, node=u, modulation=path.modulation + (_Mod(kind, u, operand),),
-                        mod_shape=path.mod_shape or cv.shape, fold_shape=fold)
+                        mod_shape=path.mod_shape or cv.shape, fold_shape=_fold_shape(walk, path, operand))
         sub, blocker, n = _walk(gm, after, walk)
         if blocker is None:
             found, dropouts = sub, n
@@ -369,6 +369,16 @@ def _modulated(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path, mod: t
         return why
     mul = _Consumer(node=u, input=cur, chain=path.chain, weight=operand, modulation=path.modulation, scale=operand)
     return [mul, *found], dropouts
+
+
+def _fold_shape(walk: _Walk, path: _Path, operand: fx.Node) -> tuple[int, ...]:
+    """The shape of the norm's affine with the modulations so far and ``operand`` folded in (cur's shape
+    where they do not broadcast together: never foldable)."""
+    shapes = (walk.affine_shape if path.fold_shape is None else path.fold_shape, value(operand).shape)
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return tuple(value(path.node).shape)
 
 
 def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:

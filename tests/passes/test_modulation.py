@@ -174,3 +174,22 @@ def test_per_token_scale_of_an_affine_norm_is_not_folded():
     assert len(sites) == 1 and sites[0].rewritten and "1 x modulation" in sites[0].pattern, sites
     assert "modulated" not in sites[0].pattern, sites[0].pattern
     assert saved <= eager - N + 4 * SMALL, f"kept {saved} of eager's {eager}"  # the output the multiply kept
+
+
+def test_product_with_a_view_that_splits_the_normalized_dim():
+    """Persimmon's q_layernorm: the output split into heads, then rotary's ``q * cos`` with cos
+    [1, T, 1, head_dim]: no modulation of the normalized dim (cos does not broadcast with the norm's [D]
+    affine). The site is skipped with a reason, the rest of the graph is rewritten, and nothing raises."""
+
+    class Rotary(Modulated):
+        def forward(self, x):
+            h = self.norm(x).view(B, T, 4, D // 4)  # [B, T, heads, head_dim]
+            cos = torch.cos(torch.arange(T * D // 4, dtype=x.dtype)).view(1, T, 1, D // 4)
+            return (h * cos).sum() + self.q(self.norm2(x)).sum()
+
+    model = Rotary("scale only", affine=True)
+    model.norm2 = nn.LayerNorm(D)
+    report = approxbp_fx.explain(model, _inputs(), options=EXACT)
+    sites = {s.path: s for s in report.sites if s.family == "norms"}
+    assert not sites["norm"].rewritten and "modulation" in sites["norm"].reason, sites["norm"]
+    assert sites["norm2"].rewritten, sites["norm2"]
