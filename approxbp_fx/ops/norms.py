@@ -51,6 +51,11 @@ class SharedNorm(NamedTuple):
     rstd: Tensor
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; t itself when it already is (a no-op ``to`` still costs a dispatch per call, on hot paths)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -149,7 +154,8 @@ def _layer_norm_backward_aten(
     w_like = w if w is not None or not need_w else grad_z.new_ones(d)
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
         grad_z, y_hat, [d], ones.new_zeros(rows, 1), ones, w_like, bias_like, [need_x, need_w, need_b])
-    return (None if dx is None else (dx * rstd).to(x_dtype)), dw, db
+    # dx is aten's fresh output: scaled in place (a new [rows, D] tensor here cost more than the multiply)
+    return (None if dx is None else _as(dx.mul_(rstd), x_dtype)), dw, db
 
 
 def _norm_shared_forward(
@@ -241,7 +247,7 @@ def _norm_backward_autograd(ctx, grad_z: Tensor | None, grad_y: Tensor | None, g
     if grad_x is not None:
         grad_x = grad_x.view(y_hat.shape)
     if grad_w is not None:
-        grad_w = grad_w.view(weight.shape).to(weight.dtype)
+        grad_w = _as(grad_w.view(weight.shape), weight.dtype)
     if grad_b is not None:
         grad_b = grad_b.view(weight.shape if weight is not None else y_hat.shape[y_hat.dim() - ctx.ndim:])
     return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
@@ -333,17 +339,17 @@ def _linear_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """grad is [rows, out], y_hat [rows, in] (before ``index``); matmuls in ``compute_dtype``."""
     grad_z = grad_w = None
-    grad = grad.to(compute_dtype)
+    grad = _as(grad, compute_dtype)
     grad_b = grad.sum(0) if need_b else None
     if need_z:
-        w = weight.to(compute_dtype)
+        w = _as(weight, compute_dtype)
         grad_z = grad @ w.t() if transposed else grad @ w
     if need_w and _affine_in_weight_space(grad, y_hat, norm_weight, norm_bias, z_dtype, index, mask, mask_scale,
                                           norm_dtype):
         grad_w = _weight_grad_of_affine(grad, y_hat, norm_weight, norm_bias, offset, transposed, grad_b)
     elif need_w:
-        z = rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale,
-                          norm_dtype).to(compute_dtype)
+        z = _as(rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale,
+                              norm_dtype), compute_dtype)
         grad_w = z.t() @ grad if transposed else grad.t() @ z
     return grad_z, grad_w, grad_b
 
@@ -355,11 +361,15 @@ def _affine_in_weight_space(
     """Whether the weight gradient may apply the norm's affine to ``grad^T y_hat`` instead of rebuilding z:
     a plain norm -> linear in float32/float64 (no gather, mask, scale or cast, whose rounding z's own
     order fixes), run for real (a tracer fuses the rebuild itself) and not differentiated again."""
-    dtypes = {t.dtype for t in (grad, y_hat, norm_weight, norm_bias) if t is not None} | {z_dtype}
-    per_column = all(t is None or t.dim() == 1 for t in (norm_weight, norm_bias))  # not a modulation's rows
-    return (per_column and index is None and mask is None and mask_scale == 1.0 and norm_dtype in (None, z_dtype)
-            and len(dtypes) == 1 and z_dtype in (torch.float32, torch.float64)
-            and not torch.is_grad_enabled() and not is_tracing(grad))
+    # cheapest checks first: this runs once per linear per backward
+    if index is not None or mask is not None or mask_scale != 1.0 or norm_dtype not in (None, z_dtype) \
+            or z_dtype not in (torch.float32, torch.float64) or torch.is_grad_enabled():
+        return False
+    for t in (grad, y_hat, norm_weight, norm_bias):
+        # one dtype throughout, and a [D] affine (not a modulation's broadcast rows)
+        if t is not None and (t.dtype != z_dtype or (t is norm_weight or t is norm_bias) and t.dim() != 1):
+            return False
+    return not is_tracing(grad)
 
 
 def _weight_grad_of_affine(grad: Tensor, y_hat: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
@@ -400,11 +410,11 @@ def _linear_backward_autograd(ctx, grad: Tensor):
         index, mask, ctx.mask_scale, ctx.norm_dtype,
     )
     if grad_z is not None:
-        grad_z = grad_z.view(*grad.shape[:-1], y_hat.shape[-1]).to(ctx.z_dtype)  # z: rows of y_hat
+        grad_z = _as(grad_z.view(*grad.shape[:-1], y_hat.shape[-1]), ctx.z_dtype)  # z: rows of y_hat
     if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
+        grad_w = _as(grad_w, weight.dtype)
     if grad_b is not None:
-        grad_b = grad_b.to(ctx.bias_dtype)
+        grad_b = _as(grad_b, ctx.bias_dtype)
     return grad_z, None, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
