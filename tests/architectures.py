@@ -10,6 +10,7 @@ Used by tests/test_architectures.py and benchmarks/coverage_table.py.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -19,7 +20,7 @@ import approxbp_fx
 
 from models import (  # noqa: F401  (rel_l2, grad_errors: re-exported for the tests and benchmarks/coverage_table.py)
     BATCH, GELU_STEP, HEADS, HIDDEN, LAYERS, MLP, SILU_STEP, TOKENS, VOCAB, grad_errors, rel_l2,
-    swap_activations, tiny_bert, tiny_vit, vit_inputs,
+    assert_grads_close, swap_activations, tiny_bert, tiny_vit, vit_inputs,
 )
 
 def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -333,6 +334,20 @@ def train_step(model: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> t
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     grads["input"] = x.grad.clone()
     return out.detach(), grads, approxbp_fx.saved_activation_bytes(fn, x, exclude=[model])
+
+
+def compare_with_autograd(model: nn.Module, x: Tensor, tol: float = 1e-5, forward_tol: float = 1e-6,
+                          **options) -> tuple[int, int, list]:
+    """``train_step`` of plain autograd and of the backend (``options``) on a copy of model: forward equal to
+    ``forward_tol``, gradients to ``tol`` (relative L2). Returns the bytes each kept and the norm sites of
+    every graph the backend compiled."""
+    ref = train_step(model, model, x)
+    rewritten = copy.deepcopy(model)
+    with approxbp_fx.collect_reports() as reports:
+        got = train_step(rewritten, approxbp_fx.compile(rewritten, **options), x)
+    torch.testing.assert_close(got[0], ref[0], rtol=forward_tol, atol=forward_tol)
+    assert_grads_close(got[1], ref[1], tol)
+    return ref[2], got[2], [s for r in reports for s in r.sites if s.family == "norms"]
 
 
 class Result:

@@ -9,7 +9,6 @@ gradients to float rounding) and byte counts from shapes.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from torch import nn
 
 import approxbp_fx
 
-from architectures import train_step
-from models import assert_grads_close
+from architectures import compare_with_autograd
 
 B, T, D = 4, 16, 32
 N = B * T * D * 4  # bytes of one float32 hidden state
@@ -62,14 +60,7 @@ def _inputs() -> torch.Tensor:
 
 
 def _compare(model: nn.Module, x: torch.Tensor | None = None, tol: float = 1e-5, **options):
-    x = _inputs() if x is None else x
-    ref = train_step(model, model, x)
-    rewritten = copy.deepcopy(model)
-    with approxbp_fx.collect_reports() as reports:
-        got = train_step(rewritten, approxbp_fx.compile(rewritten, **options), x)
-    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
-    assert_grads_close(got[1], ref[1], tol)
-    return ref[2], got[2], [s for r in reports for s in r.sites if s.family == "norms"]
+    return compare_with_autograd(model, _inputs() if x is None else x, tol, forward_tol=tol, **options)
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["no affine", "affine"])
@@ -145,17 +136,11 @@ def test_dit_every_norm_shared_exactly(dit_and_inputs):
     """DiT's adaLN-Zero blocks: every norm (two per block and the final one) rewritten; gradients equal plain
     autograd's; each norm's output and its modulated copy are no longer kept (about two hidden states each)."""
     model, x = dit_and_inputs
-    ref = train_step(model, model, x)
-    rewritten = copy.deepcopy(model)
-    with approxbp_fx.collect_reports() as reports:
-        got = train_step(rewritten, approxbp_fx.compile(rewritten, **EXACT), x)
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
-    assert_grads_close(got[1], ref[1], 1e-5)
-    sites = [s for r in reports for s in r.sites if s.family == "norms"]
+    eager, saved, sites = _compare(model, x, **EXACT)
     assert len(sites) == 5 and all(s.rewritten for s in sites), sites
     hidden = x.numel() * 4
     rows = x.numel() // x.shape[-1]
-    assert got[2] <= ref[2] - 5 * (2 * hidden - rows * 4 * 2), f"kept {got[2]} of eager's {ref[2]}"
+    assert saved <= eager - 5 * (2 * hidden - rows * 4 * 2), f"kept {saved} of eager's {eager}"
 
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import approxbp_fx
 
-from architectures import loss_weight, train_step
+from architectures import compare_with_autograd, loss_weight, train_step
 from models import assert_grads_close
 
 ROWS, WIDTH, OUT = (4, 16), 32, 24
@@ -80,14 +80,7 @@ def _inputs() -> torch.Tensor:
 
 
 def _compare(model: nn.Module, **options):
-    x = _inputs()
-    ref = train_step(model, model, x)
-    rewritten = copy.deepcopy(model)
-    with approxbp_fx.collect_reports() as reports:
-        got = train_step(rewritten, approxbp_fx.compile(rewritten, **options), x)
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
-    assert_grads_close(got[1], ref[1], 1e-5)
-    return ref[2], got[2], [s for r in reports for s in r.sites if s.family == "norms"]
+    return compare_with_autograd(model, _inputs(), **options)
 
 
 @pytest.mark.parametrize("spelling", list(SPELLINGS))
