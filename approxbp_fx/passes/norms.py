@@ -357,9 +357,10 @@ def _modulated(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path, mod: t
         why = f"modulation {u.name} reads a reshaped modulated output"
     found: list[_Consumer] = []
     dropouts = 0
-    if why is None and math.prod(_fold_shape(walk, path, operand)) < cv.numel():
+    fold = _fold_shape(walk, path, operand) if why is None else None
+    if fold is not None and math.prod(fold) < cv.numel():
         after = replace(path, node=u, modulation=path.modulation + (_Mod(kind, u, operand),),
-                        mod_shape=path.mod_shape or cv.shape, fold_shape=_fold_shape(walk, path, operand))
+                        mod_shape=path.mod_shape or cv.shape, fold_shape=fold)
         sub, blocker, n = _walk(gm, after, walk)
         if blocker is None:
             found, dropouts = sub, n
