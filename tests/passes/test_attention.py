@@ -290,3 +290,20 @@ def test_linear_output_divided_in_place_after_a_transpose():
     torch.manual_seed(0)
     saved, saved2, sites = _compare(randomize_norm_affines(Scaled()), _input(B, T, D))
     assert sites["norm"].rewritten, sites["norm"].reason
+
+
+def test_bf16_encoder_shares_every_norm():
+    """A bf16 nn.TransformerEncoder (weights and input): every norm rewritten, the forward bit for bit eager's,
+    gradients plain autograd's to bf16 rounding."""
+    model = _encoder(True, 0.0).to(torch.bfloat16)
+    x = _input(B, T, D).to(torch.bfloat16)
+    out, grads, saved = _run(model, model, x)
+    compiled_model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    with approxbp_fx.collect_reports() as reports:
+        out2, grads2, saved2 = _run(compiled_model, approxbp_fx.compile(compiled_model, **EXACT), x)
+    sites = [s for r in reports for s in r.sites if s.family == "norms"]
+    assert len(sites) == 4 and all(s.rewritten for s in sites), sites
+    torch.testing.assert_close(out2[0], out[0], rtol=0, atol=0)
+    assert_grads_close(grads2, grads, 2e-2)
+    assert saved2 < saved, (saved, saved2)
