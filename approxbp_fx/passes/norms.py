@@ -61,6 +61,7 @@ from ._graph import (
     ADD_FUNCTIONS, LAYER_NORM_FUNCTIONS, RMS_NORM_FUNCTIONS, Ref, arg,
     is_call, linear_call, module_attr, module_path, requires_grad, target_module, tensor_bytes, value,
 )
+from ._keeps import keeps
 from ._norm_forms import identify, is_reduction
 from . import _attention
 from . import _norm_consumers as links
@@ -497,17 +498,36 @@ def _feeds_norm(z: fx.Node, norm_readers: frozenset[fx.Node]) -> bool:
     return False
 
 
+def _upcast_kept(gm: fx.GraphModule, norm: _Norm) -> int:
+    """Bytes a rewrite saves by y_hat alone: a written-out norm of a bf16/fp16 x (LLaMA's RMSNorm on a bf16
+    checkpoint) casts x to float32 and its own ops keep that copy (``hidden * rsqrt(...)``); the rewritten
+    norm keeps y_hat in x's dtype instead. 0 where the norm keeps no such copy."""
+    xv = value(norm.x)
+    if not norm.nodes or xv is None or xv.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    y_size = (norm.y_dtype or xv.dtype).itemsize
+    for u in norm.x.users:
+        if u in norm.nodes and links.is_widening_cast(u, norm.x) \
+                and any(w in norm.nodes and keeps(gm, w, u) not in (None, "?") for w in u.users):
+            return tensor_bytes(u) - xv.numel() * y_size
+    return 0
+
+
 def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_readers: frozenset[fx.Node]) -> Candidate:
     consumers, blocker, dropouts = _consumers(gm, norm, getattr(options, "masks", True), norm_readers)
     # Read by another norm that is rewritten (which keeps its own y_hat): this norm's output is then kept by
     # nobody, and the rewrite keeps y_hat and rstd where a LayerNorm kept x, its mean and rstd: the mean less.
     feeds_norm = _feeds_norm(norm.z, norm_readers)
+    trainable = any(requires_grad(gm, c.weight) for c in consumers)
+    # No trainable reader (a final norm before a frozen head, under LoRA): a written-out half-precision norm
+    # may still keep a float32 copy of its input that y_hat would replace
+    upcast = 0 if trainable else _upcast_kept(gm, norm)
     xv = value(norm.x)
     if norm.skip:
         reason = norm.skip
     elif blocker is not None:
         reason = blocker
-    elif not any(requires_grad(gm, c.weight) for c in consumers) and not (feeds_norm and not norm.rms):
+    elif not trainable and not (feeds_norm and not norm.rms) and upcast <= 0:
         reason = ("nothing to share: no linear with a trainable weight reads the output"
                   + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else "")
                   + (" (a norm reads it, which keeps its own y_hat: an RMSNorm's y_hat would weigh what its input "
@@ -523,6 +543,8 @@ def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_re
         zv = value(norm.z)
         rows = zv.numel() // zv.shape[-1] if zv is not None and zv.dim() else 0
         pattern, saved = f"{norm.pattern} -> norm", rows * 4  # the float32 mean
+    elif upcast > 0:
+        pattern, saved = f"{pattern} (frozen: the norm's own float32 copy of its input)", upcast
     return Candidate(
         FAMILY, norm.z.name, module_path(n), pattern, bytes_saved=saved, skip=reason,
         apply=lambda edit, norm=norm, consumers=consumers: _apply(edit, norm, consumers),

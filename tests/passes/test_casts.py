@@ -157,3 +157,31 @@ def test_compiled_inners_match_autograd(inner):
     got = train_step(rewritten, approxbp_fx.compile(rewritten, inner=inner, activations=False), x)
     _assert_grads(got[1], ref[1], 1e-5 if inner == "aot_eager" else BF16_EXACT_GRAD_TOL)
     assert got[2] <= base[2], f"kept {got[2]}, plain {inner} {base[2]}"
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_norm_before_a_frozen_head_drops_its_float32_copy(dtype):
+    """A final norm read only by a frozen head (LoRA leaves the LM head alone): no linear shares, but the
+    written-out bf16 norm's own ops keep a float32 copy of its input (4 bytes per element) where the rewrite
+    keeps y_hat in bf16 (2). In float32 that copy is the input itself: nothing to gain, left alone."""
+
+    class FrozenHead(NormToAdapters):
+        def forward(self, h):
+            return self.base(_rms(h, self.weight))
+
+    model = FrozenHead().requires_grad_(False).to(dtype)
+    model.weight.requires_grad_(False)
+    x = _inputs().to(dtype)
+    ref = train_step(model, model, x)
+    rewritten = copy.deepcopy(model)
+    with approxbp_fx.collect_reports() as reports:
+        got = train_step(rewritten, approxbp_fx.compile(rewritten, **EXACT), x)
+    assert torch.equal(got[0], ref[0]), "forward differs from eager"
+    assert_grads_close(got[1], ref[1], BF16_EXACT_GRAD_TOL if dtype == BF16 else 1e-6)
+    (site,) = [s for r in reports for s in r.sites if s.family == "norms"]
+    if dtype == BF16:
+        assert site.rewritten and "frozen" in site.pattern, site
+        assert ref[2] >= 4 * N, ref[2]  # the reference: the float32 copy
+        assert got[2] <= ref[2] - 2 * N, f"kept {got[2]} of eager's {ref[2]}"
+    else:
+        assert not site.rewritten and "nothing to share" in site.reason, site
