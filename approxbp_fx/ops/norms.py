@@ -448,7 +448,7 @@ def _mul_setup(ctx, inputs, output) -> None:
 def _mul_backward(ctx, grad: Tensor):
     scale, y_hat, norm_weight, norm_bias = ctx.saved_tensors
     need_h, _, need_scale = ctx.needs_input_grad[:3]
-    grad_h = (grad * scale).to(ctx.h_dtype) if need_h else None
+    grad_h = _as(grad * scale, ctx.h_dtype) if need_h else None
     grad_scale = None
     if need_scale:
         h = _affine(y_hat, norm_weight, norm_bias, ctx.offset, ctx.h_dtype)

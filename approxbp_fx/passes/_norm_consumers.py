@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from .._compat import grouped_mm as grouped_mm_private
 from ._graph import VIEW_FUNCTIONS, VIEW_METHODS, arg, dropout_call, is_basic_index, is_call, value
+from ._keeps import is_split
 
-__all__ = ["is_view", "is_permutation", "dim_after_view", "split_parts", "copies", "reads_metadata_only", "keeps_nothing", "modulation", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
+__all__ = ["is_view", "is_permutation", "dim_after_view", "split_parts", "copies", "reads_metadata_only", "keeps_nothing", "modulation", "MUL_FUNCTIONS", "MUL_METHODS", "is_noop_cast", "is_widening_cast", "is_shape_view", "row_gather", "dropout_p", "grouped_mm", "GROUPED_MM_KEYWORDS"]
 
 _CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type", "type_as")
 _INDEX_SELECT = (torch.index_select,)
@@ -79,15 +80,11 @@ def dim_after_view(u: fx.Node, cur: fx.Node, dim: int | None, d: int | None) -> 
     return _dim_after_index(u, cv.dim(), dim)
 
 
-_SPLIT_METHODS = ("chunk", "split", "unbind")
-_SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.unbind)
-
-
 def split_parts(u: fx.Node, cur: fx.Node, dim: int | None) -> tuple[list[fx.Node], int] | str | None:
     """(the parts, where the normalized dim is in them) for ``cur.chunk(n, k)`` / ``split`` / ``unbind`` along
     another dim than the normalized one (ProphetNet's main and predict streams: ``h.chunk(2, dim=1)``), each
     part taken by ``parts[i]``: views of cur. A reason where the split cannot be followed; None: no split."""
-    if not (is_call(u, _SPLIT_FUNCTIONS, _SPLIT_METHODS) and u.args and u.args[0] is cur):
+    if not (is_split(u) and u.args and u.args[0] is cur):
         return None
     cv = value(cur)
     if cv is None:
@@ -248,7 +245,7 @@ def _cast(u: fx.Node, cur: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (a, b) if a is not None and b is not None and (a.shape, a.device) == (b.shape, b.device) else None
 
 
-_MUL_FUNCTIONS, _MUL_METHODS = (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__")
+MUL_FUNCTIONS, MUL_METHODS = (operator.mul, torch.mul), ("mul", "__mul__", "__rmul__")
 _ADD_FUNCTIONS, _ADD_METHODS = (operator.add, torch.add), ("add", "__add__", "__radd__")
 
 
@@ -257,7 +254,7 @@ def modulation(u: fx.Node, cur: fx.Node, z: fx.Node) -> tuple[str, fx.Node] | No
     with fewer elements than cur that broadcasts into cur's shape and is not computed from the norm's output
     z: a per-sample (adaptive norm: ``x * (1 + scale[:, None]) + shift[:, None]``) or per-channel scale or
     shift that can be folded into the norm's affine. A residual add (an operand as large as cur) is None."""
-    if u.kwargs or len(u.args) != 2 or not (is_call(u, _MUL_FUNCTIONS, _MUL_METHODS) or is_call(u, _ADD_FUNCTIONS, _ADD_METHODS)):
+    if u.kwargs or len(u.args) != 2 or not (is_call(u, MUL_FUNCTIONS, MUL_METHODS) or is_call(u, _ADD_FUNCTIONS, _ADD_METHODS)):
         return None
     a, b = u.args
     other = b if a is cur else a if b is cur else None
@@ -268,7 +265,7 @@ def modulation(u: fx.Node, cur: fx.Node, z: fx.Node) -> tuple[str, fx.Node] | No
         return None
     if uv.shape != cv.shape or ov.numel() >= cv.numel() or _depends_on(other, {z}):
         return None
-    return ("mul" if is_call(u, _MUL_FUNCTIONS, _MUL_METHODS) else "add"), other
+    return ("mul" if is_call(u, MUL_FUNCTIONS, MUL_METHODS) else "add"), other
 
 
 def is_noop_cast(u: fx.Node, cur: fx.Node) -> bool:

@@ -385,7 +385,7 @@ def _fold_shape(walk: _Walk, path: _Path, operand: fx.Node) -> tuple[int, ...]:
 
 def _constant_factor(u: fx.Node, cur: fx.Node) -> float | None:
     """c for ``cur * c`` / ``c * cur`` with a Python number c (not a tensor: that would be kept), else None."""
-    if not is_call(u, (operator.mul, torch.mul), ("mul", "__mul__")) or len(u.args) != 2 or u.kwargs:
+    if not is_call(u, links.MUL_FUNCTIONS, links.MUL_METHODS) or len(u.args) != 2 or u.kwargs:
         return None
     other = u.args[1] if u.args[0] is cur else (u.args[0] if u.args[1] is cur else None)
     if isinstance(other, bool) or not isinstance(other, (int, float)):
@@ -401,9 +401,9 @@ def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consum
     lin = linear_call(gm, u)
     if lin is not None and lin.input is cur:
         return _Consumer(weight=lin.weight, bias=lin.bias, transposed=lin.transposed, **at)
-    if path.modulation and (links.grouped_mm(u, cur) is not None or _attention.mha_in_projection(u, cur) is not None):
-        return f"{u.name} reads a modulated output; only linears are rebuilt from a modulated y_hat"
     mha = _attention.mha_in_projection(u, cur)
+    if path.modulation and (mha is not None or links.grouped_mm(u, cur) is not None):
+        return f"{u.name} reads a modulated output; only linears are rebuilt from a modulated y_hat"
     if isinstance(mha, str):
         return mha
     if mha is not None:
