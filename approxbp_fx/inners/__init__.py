@@ -27,12 +27,16 @@ class Inner:
     ``recomputes_glu_gate``: the compiler already keeps only a GLU gate's input and recomputes the
     activation (which the other factor's gradient needs), so a 2-bit code at a gate saves nothing there.
     ``traceable_ops``: it traces through the ops (it receives their traceable, tagged forms, and its
-    partitioner reads the tags) instead of calling them as opaque custom ops."""
+    partitioner reads the tags) instead of calling them as opaque custom ops.
+    ``shares_across_graphs``: it runs the graph as Python, so a tensor one graph returns is the object the
+    next graph (after a graph break) receives, and a norm ending one graph can hand its y_hat to the
+    linears beginning the next (``ops/handoff.py``)."""
 
     name: str
     compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]
     recomputes_glu_gate: bool = False
     traceable_ops: bool = False
+    shares_across_graphs: bool = False
     description: str = ""
 
 
@@ -84,6 +88,6 @@ def _compile_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str 
 
 
 register_inner(Inner(
-    "eager", _compile_eager,
+    "eager", _compile_eager, shares_across_graphs=True,
     description="the rewritten graph run by Python (the ops as autograd.Functions)",
 ))

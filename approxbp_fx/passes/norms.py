@@ -43,6 +43,15 @@ A modulation (an adaptive norm's per-sample scale and shift, ``_norm_consumers.m
 
 Backward rebuilds a layer's input as ``mask * scale * affine(y_hat)[idx]``. Any other consumer might keep
 the output itself (or a chain in another order), so the site is left alone and the report names it.
+
+A graph break between a norm and its linears (the norm's output leaves one Dynamo graph, the linears read
+it in the next) is bridged where the inner runs graphs as Python (``Inner.shares_across_graphs``, the eager
+inner): the norm is rewritten and ``ops/handoff.py`` records y_hat for its output; a graph input that
+carries a gradient and is read by linears gets them rewritten over what it arrives with:
+
+    graph A:  z, y_hat, rstd = approxbp::norm_shared(x, ...); publish(z, y_hat, gamma, beta, offset); return z
+    graph B:  y, w, b, off = received(z)          (y_hat, gamma, beta, offset), or (z, None, None, 0.0)
+              q = approxbp::linear_shared(z, y, Wq, bq, w, b, off, ...)
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..inners import get_inner
+from ..ops import handoff
 from ..options import Options
 from ._edit import Candidate, GraphEdit
 from ._graph import (
@@ -71,6 +82,8 @@ from ..ops.dropout import dropout_scale
 __all__ = ["FAMILY", "find"]
 
 FAMILY = "norms"
+HANDED_ON = "graph output (y_hat handed on)"  # a norm's site pattern: its output leaves the graph
+RECEIVED = "graph input"  # head of the pattern of a site whose layers read a graph input
 
 
 
@@ -424,7 +437,7 @@ def _layer(gm: fx.GraphModule, u: fx.Node, cur: fx.Node, path: _Path) -> _Consum
     return _Consumer(weight=weight, grouped=impl, offs=offs, **at)
 
 
-def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
+def _pattern(head: str, consumers: list[_Consumer]) -> str:
     """``rms_norm (...) -> 1 x linear, 2 x grouped_mm (gathered)``: what the site found."""
     parts = []
     for kind in ("linear", "grouped_mm", "attention", "modulation"):
@@ -438,22 +451,25 @@ def _pattern(norm: _Norm, consumers: list[_Consumer]) -> str:
             if n:
                 notes.append(note if n == len(of_kind) else f"{n} {note}")
         parts.append(f"{len(of_kind)} x {kind}" + (f" ({', '.join(notes)})" if notes else ""))
-    return f"{norm.pattern} -> {', '.join(parts)}"
+    return f"{head} -> {', '.join(parts)}"
 
 
-def _bytes_saved(gm: fx.GraphModule, norm: _Norm, consumers: list[_Consumer]) -> int:
+def _bytes_saved(gm: fx.GraphModule, z: fx.Node, consumers: list[_Consumer]) -> int:
     """Estimate: the output (kept by the linears that read it, or the norm's input it stands for) plus
     each distinct gathered, dropped-out, cast, copied (a reshape of a transposed view) or modulated tensor a
     layer with a trainable weight (or a modulation whose scale needs a gradient) would keep."""
     own = {c.input for c in consumers
            if (c.index is not None or c.dropout is not None or c.norm_dtype is not None or c.copied or c.modulation)
            and requires_grad(gm, c.weight)}
-    return tensor_bytes(norm.z) + sum(tensor_bytes(n) for n in own)
+    return tensor_bytes(z) + sum(tensor_bytes(n) for n in own)
 
 
 def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every norm -> linear site (module docstring), with the reason it cannot be shared where it cannot."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    handoff_on = get_inner(getattr(options, "inner", "inductor")).shares_across_graphs
+    received = [c for p in gm.graph.nodes if p.op == "placeholder"
+                for c in [_received_site(gm, p, options)] if handoff_on and c is not None]
     claimed: set[fx.Node] = set()  # nodes of computed norms found so far: a LayerNorm's second reduction
     norms: list[tuple[fx.Node, _Norm]] = []
     for n in gm.graph.nodes:
@@ -466,13 +482,13 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     # again with the rewritten norms' readers counted as keeping nothing, until no more readers join. More
     # readers only unblock, so a site once rewritten stays as it was.
     readers: frozenset[fx.Node] = frozenset()
-    candidates = [_site(gm, n, norm, options, readers) for n, norm in norms]
+    candidates = [_site(gm, n, norm, options, readers, handoff_on) for n, norm in norms]
     while True:
         now = _input_readers(norms, frozenset(norm.z for (_, norm), c in zip(norms, candidates) if not c.skip))
         if now == readers:
-            return candidates
+            return candidates + received  # a layer both would rewrite goes to the norm's site
         readers = now
-        candidates = [_site(gm, n, norm, options, readers) if c.skip else c
+        candidates = [_site(gm, n, norm, options, readers, handoff_on) if c.skip else c
                       for (n, norm), c in zip(norms, candidates)]
 
 
@@ -513,8 +529,13 @@ def _upcast_kept(gm: fx.GraphModule, norm: _Norm) -> int:
     return 0
 
 
-def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_readers: frozenset[fx.Node]) -> Candidate:
+def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_readers: frozenset[fx.Node],
+          handoff_on: bool = False) -> Candidate:
     consumers, blocker, dropouts = _consumers(gm, norm, getattr(options, "masks", True), norm_readers)
+    # Returned by the graph (a graph break before the linears that read it): under an inner that runs
+    # graphs as Python the rewritten norm hands y_hat to the next graph (``ops/handoff.py``)
+    returned = any(u.op == "output" for u in norm.z.users)
+    hands_on = returned and handoff_on
     # Read by another norm that is rewritten (which keeps its own y_hat): this norm's output is then kept by
     # nobody, and the rewrite keeps y_hat and rstd where a LayerNorm kept x, its mean and rstd: the mean less.
     feeds_norm = _feeds_norm(norm.z, norm_readers)
@@ -527,9 +548,11 @@ def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_re
         reason = norm.skip
     elif blocker is not None:
         reason = blocker
-    elif not trainable and not (feeds_norm and not norm.rms) and upcast <= 0:
+    elif not trainable and not (feeds_norm and not norm.rms) and upcast <= 0 and not hands_on:
         reason = ("nothing to share: no linear with a trainable weight reads the output"
                   + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else "")
+                  + (" (it leaves the graph: the eager inner hands y_hat to the linears of the next graph)"
+                     if returned else "")
                   + (" (a norm reads it, which keeps its own y_hat: an RMSNorm's y_hat would weigh what its input "
                      "does)" if feeds_norm else ""))
     elif xv is not None and not xv.is_floating_point():
@@ -538,21 +561,57 @@ def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_re
         reason = f"normalized over {norm.ndim} dims; the linears read the last one"
     else:
         reason = ""
-    pattern, saved = _pattern(norm, consumers), _bytes_saved(gm, norm, consumers)
+    pattern, saved = _pattern(norm.pattern, consumers), _bytes_saved(gm, norm.z, consumers)
+    zv = value(norm.z)
+    mean_bytes = 0 if norm.rms else (zv.numel() // zv.shape[-1] if zv is not None and zv.dim() else 0) * 4
     if feeds_norm and not consumers:
-        zv = value(norm.z)
-        rows = zv.numel() // zv.shape[-1] if zv is not None and zv.dim() else 0
-        pattern, saved = f"{norm.pattern} -> norm", rows * 4  # the float32 mean
+        pattern, saved = f"{norm.pattern} -> norm", mean_bytes  # the float32 mean
     elif upcast > 0:
         pattern, saved = f"{pattern} (frozen: the norm's own float32 copy of its input)", upcast
+    elif hands_on and not trainable:
+        # what the next graph's linears stop keeping is not known here (there may be none): the sure bytes
+        # are the mean a LayerNorm kept
+        pattern, saved = f"{norm.pattern} -> {HANDED_ON}", mean_bytes
+    if hands_on and trainable:
+        pattern += f", {HANDED_ON}"
     return Candidate(
         FAMILY, norm.z.name, module_path(n), pattern, bytes_saved=saved, skip=reason,
-        apply=lambda edit, norm=norm, consumers=consumers: _apply(edit, norm, consumers),
+        apply=lambda edit, norm=norm, consumers=consumers: _apply(edit, norm, consumers, hands_on),
         # every node the site rewrites: z, the layers, and the dropouts that become dropout_packed
         replaces=(norm.z, *(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout)))
 
 
-def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
+def _received_site(gm: fx.GraphModule, p: fx.Node, options: Options) -> Candidate | None:
+    """A graph input read by linears with a trainable weight, which may be a norm's output handed on by
+    the previous graph (``ops/handoff.py``): the linears read it as ``linear_shared`` over the y_hat it
+    arrives with, or over itself with no affine where it arrives with none (then they keep what they
+    kept before). Only an activation that carries a gradient (not a parameter), read by no dropout, and
+    only plain linear layers (no modulation, no moved dim: their affine would need the norm's)."""
+    v = value(p)
+    if v is None or isinstance(v, nn.Parameter) or not v.requires_grad or not v.is_floating_point() or v.dim() == 0:
+        return None
+    # a dropout reading p is the dropout family's site (its linears keep p and the mask)
+    consumers, blocker, dropouts = _walk(gm, _Path(p), _Walk(p, v.shape[-1], False, frozenset()))
+    if blocker is not None or dropouts or not any(requires_grad(gm, c.weight) for c in consumers) \
+            or any(c.modulation or c.kind not in ("linear", "attention") or c.dim != -1 for c in consumers):
+        return None
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    # bytes_saved: whether p arrives with a y_hat is known only at run time
+    return Candidate(
+        FAMILY, p.name, module_path(consumers[0].node),
+        _pattern(RECEIVED, consumers) + " (reading a handed-on y_hat, if any)",
+        apply=lambda edit: _apply_received(edit, p, first, consumers),
+        replaces=(*(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout)))
+
+
+def _apply_received(edit: GraphEdit, p: fx.Node, first: fx.Node, consumers: list[_Consumer]) -> None:
+    with edit.inserting_before(first):
+        entry = edit.call(handoff.received, (p,))
+        y_hat, weight, bias, offset = (edit.call(operator.getitem, (entry, i)) for i in range(4))
+    _share(edit, consumers, y_hat, weight, bias, offset)
+
+
+def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer], publish: bool = False) -> None:
     xv = value(norm.x)
     x_dtype = xv.dtype if xv is not None else None
     y_dtype = norm.y_dtype or x_dtype
@@ -566,12 +625,21 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
             norm.x, weight, bias, norm.offset, norm.ndim, eps, norm.rms, y_dtype, z_dtype, norm.y_rounded))
         z = edit.call(operator.getitem, (triple, 0))
         y_hat = edit.call(operator.getitem, (triple, 1))
+        if publish:
+            edit.call(handoff.publish, (z, y_hat, weight, bias, norm.offset))
     edit.replace(norm.z, z)
+    _share(edit, consumers, y_hat, weight, bias, norm.offset)
+
+
+def _share(edit: GraphEdit, consumers: list[_Consumer], y_hat: fx.Node, weight: object, bias: object,
+           offset: object) -> None:
+    """Each consumer rewritten to read y_hat and rebuild its input from it (the norm's affine ``weight``,
+    ``bias``, ``offset``, with the modulations on the way)."""
     masks: dict[fx.Node, fx.Node] = {}  # dropout -> its packed mask, one per dropout whatever reads it
     folded: dict[tuple[fx.Node, ...], tuple[object, object, float]] = {}
     for c in consumers:
         # the affine that gives the layer's input from y_hat: the norm's, with the modulations on the way
-        affine = _fold(edit, c.modulation, weight, bias, norm.offset, folded)
+        affine = _fold(edit, c.modulation, weight, bias, offset, folded)
         if c.dim != -1:
             affine = _along(edit, c.node, affine, c.dim)
         mask, scale = None, c.factor
@@ -588,10 +656,10 @@ def _apply(edit: GraphEdit, norm: _Norm, consumers: list[_Consumer]) -> None:
             elif c.attention is not None:
                 new = _attention.emit(edit, c.node, c.attention, c.input, lambda w, b, s=shared: edit.call(
                     torch.ops.approxbp.linear_shared.default,
-                    (c.input, s, w, b, weight, bias, norm.offset, False, None, None, 1.0, c.norm_dtype)))
+                    (c.input, s, w, b, weight, bias, offset, False, None, None, 1.0, c.norm_dtype)))
             elif c.grouped:
                 new = edit.call(torch.ops.approxbp.grouped_mm_shared.default, (
-                    c.input, shared, c.index, c.weight, c.offs, weight, bias, norm.offset, mask, scale, c.grouped))
+                    c.input, shared, c.index, c.weight, c.offs, weight, bias, offset, mask, scale, c.grouped))
             else:
                 new = edit.call(torch.ops.approxbp.linear_shared.default, (
                     c.input, shared, edit.ref(c.weight), edit.ref(c.bias), *affine,
