@@ -28,9 +28,10 @@ class Inner:
     activation (which the other factor's gradient needs), so a 2-bit code at a gate saves nothing there.
     ``traceable_ops``: it traces through the ops (it receives their traceable, tagged forms, and its
     partitioner reads the tags) instead of calling them as opaque custom ops.
-    ``shares_across_graphs``: it runs the graph as Python, so a tensor one graph returns is the object the
-    next graph (after a graph break) receives, and a norm ending one graph can hand its y_hat to the
-    linears beginning the next (``ops/handoff.py``)."""
+    ``shares_across_graphs``: it runs the handoff calls a graph may hold (``ops/handoff.py``: a norm ending
+    one graph hands its y_hat to the linears beginning the next, after a graph break): the eager inner in
+    the graph, as Python; an AOTAutograd-based one at the compiled function's boundary (``_lifting``).
+    An inner without it gets no such calls: those norms are left alone with the reason."""
 
     name: str
     compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]
@@ -58,6 +59,23 @@ def get_inner(name: str) -> Inner:
         raise ValueError(f"approxbp: option 'inner' must be one of {tuple(INNERS)}, got {name!r}") from None
 
 
+def _lifting(compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]
+             ) -> Callable[[fx.GraphModule, Sequence[Any], str | None], Callable[..., Any]]:
+    """An AOTAutograd-based inner's compile with the graph's handoff calls at the compiled function's
+    boundary (``inners/handoff.py``): inside, AOTAutograd would trace them once."""
+
+    def compile_lifted(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
+        from ..driver import copy_graph_module
+        from .handoff import lift
+
+        gm, examples, wrap = lift(copy_graph_module(gm)[0], example_inputs)  # the report's graph stays as it is
+        compiled = compile(gm, examples, mode)
+        return compiled if wrap is None else wrap(compiled)
+
+    return compile_lifted
+
+
+@_lifting
 def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
     from .inductor import compile_with_steering
 
@@ -65,11 +83,12 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: s
 
 
 register_inner(Inner(
-    "inductor", _compile_inductor, recomputes_glu_gate=True, traceable_ops=True,
+    "inductor", _compile_inductor, recomputes_glu_gate=True, traceable_ops=True, shares_across_graphs=True,
     description="torch.compile's default: ops traced and fused, the saved set kept by a steering partitioner",
 ))
 register_inner(Inner(
-    "aot_eager", lambda gm, example_inputs, mode: _compat.aot_eager(gm, example_inputs),
+    "aot_eager", _lifting(lambda gm, example_inputs, mode: _compat.aot_eager(gm, example_inputs)),
+    shares_across_graphs=True,
     description="AOTAutograd without code generation (opaque ops)",
 ))
 def _compile_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:

@@ -28,6 +28,7 @@ backwards run as plain differentiable torch ops (no fused kernels).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Sequence
 
@@ -35,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._compat import HAS_FUSED_RMS_NORM, fused_rms_norm
+from .._compat import HAS_FUSED_RMS_NORM, annotate, fused_rms_norm
 from ._fused import fused, is_tracing
 from .dropout import mask_bytes, mask_multiply
-from .spec import RECOMPUTE, SAVED, OpSpec, define_op
+from .spec import RECOMPUTE, SAVED, TAG, OpSpec, define_op
 
 __all__ = ["SharedNorm", "ms_layer_norm", "ms_rms_norm", "linear_shared", "mul_shared"]
 
@@ -86,7 +87,7 @@ def _norm_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, offset: float, eps: float, rms: bool,
     y_dtype: torch.dtype, z_dtype: torch.dtype, y_rounded: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x is [rows, D]; returns z, y_hat [rows, D] and rstd [rows, 1] (float32 or float64)."""
+    """x is [..., D]; returns z, y_hat [..., D] and rstd [..., 1] (float32 or float64)."""
     y, rstd = normalize(x, eps, rms)
     y_hat = y.to(y_dtype)
     # z as the unrewritten norm rounds it: a native norm applies its affine to the unrounded y, a norm
@@ -164,6 +165,10 @@ def _norm_shared_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     d = _row_size(x, normalized_ndim)
     rows = x.reshape(-1, d)
+    # z made in x's own shape where the norm is over the last dim: not a view, since a view among a
+    # Function's several outputs may not be modified in place, and a graph that returns z (a graph break
+    # before its linears) hands it to code that may (Switch Transformers' router jitter: ``h *= noise``)
+    shaped = x if normalized_ndim == 1 else rows
     flat = [None if t is None else t.reshape(-1) for t in (weight, bias)]
     if form.traced:
         # y_hat and rstd are what backward keeps; z is rebuilt from y_hat, so it must be computed from it
@@ -178,17 +183,17 @@ def _norm_shared_forward(
             y_hat, rstd = fused_rms_norm(rows, d, eps)
         else:
             y_hat, _mean, rstd = torch.native_layer_norm(rows, [d], _ones(d, x.device, x.dtype), None, eps)
-        z = _affine(y_hat, *flat, weight_offset, z_dtype)
+        z = _affine(y_hat.view(shaped.shape), *flat, weight_offset, z_dtype)
     else:
         # A written-out norm (y_rounded) runs as the same eager ops the model runs, LLaMA's RMSNorm bit for
         # bit; a compiled kernel reduces in another order, and in bf16 a last-bit difference in y becomes a
         # different rounding of y_hat, which float32 adapters after the norm would see.
         body = _norm_forward.__wrapped__ if y_rounded else _norm_forward
-        z, y_hat, rstd = body(rows, *flat, weight_offset, eps, rms, y_dtype, z_dtype, y_rounded)
-    if z is y_hat and not form.traced:  # no affine and no cast: a custom op's outputs must not alias each other
+        z, y_hat, rstd = body(shaped, *flat, weight_offset, eps, rms, y_dtype, z_dtype, y_rounded)
+    if not form.traced and (z is y_hat or z._base is y_hat):  # no affine, no cast: a custom op's outputs must not alias
         z = z.clone()
     stat_shape = x.shape[: x.dim() - normalized_ndim] + (1,) * normalized_ndim
-    return z.view(x.shape), y_hat.view(x.shape), rstd.view(stat_shape)
+    return (z if z.shape == x.shape else z.view(x.shape)), y_hat.view(x.shape), rstd.view(stat_shape)
 
 
 @functools.lru_cache(maxsize=16)
@@ -348,8 +353,11 @@ def _linear_backward(
                                           norm_dtype):
         grad_w = _weight_grad_of_affine(grad, y_hat, norm_weight, norm_bias, offset, transposed, grad_b)
     elif need_w:
-        z = _as(rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale,
-                              norm_dtype), compute_dtype)
+        # traced (inductor), the rebuild is tagged to be recomputed in backward: where y_hat is a graph input
+        # (handed on from the previous graph), a partitioner would otherwise keep the rebuilt z as well
+        with (annotate({TAG: RECOMPUTE}) if is_tracing(grad) else contextlib.nullcontext()):
+            z = _as(rebuild_input(y_hat, norm_weight, norm_bias, offset, z_dtype, index, mask, mask_scale,
+                                  norm_dtype), compute_dtype)
         grad_w = z.t() @ grad if transposed else grad.t() @ z
     return grad_z, grad_w, grad_b
 

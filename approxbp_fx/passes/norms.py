@@ -551,7 +551,7 @@ def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_re
     elif not trainable and not (feeds_norm and not norm.rms) and upcast <= 0 and not hands_on:
         reason = ("nothing to share: no linear with a trainable weight reads the output"
                   + (f" ({dropouts} reach linears through dropout, which keep its output)" if dropouts else "")
-                  + (" (it leaves the graph: the eager inner hands y_hat to the linears of the next graph)"
+                  + (" (it leaves the graph, and this inner does not hand y_hat on to the next graph's linears)"
                      if returned else "")
                   + (" (a norm reads it, which keeps its own y_hat: an RMSNorm's y_hat would weigh what its input "
                      "does)" if feeds_norm else ""))
