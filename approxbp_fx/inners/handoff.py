@@ -61,15 +61,20 @@ def _arriving(p: Tensor) -> list[Tensor]:
     """y, weight, bias for the lifted inputs of a received p."""
     y_hat, weight, bias, offset = handoff.received(p)
     dtype, d = _affine_dtype(p), p.shape[-1]
+    if type(p) is Tensor:
+        def constant(value: float) -> Tensor:
+            return _constant(d, value, dtype, p.device)
+    else:  # a fake or other subclass (a run under a tracer): constants of its own kind
+        def constant(value: float) -> Tensor:
+            return p.new_full((d,), value, dtype=dtype)
     if y_hat is p or y_hat.dtype != p.dtype or y_hat.shape != p.shape or y_hat.stride() != p.stride() \
             or any(t is not None and t.shape != (d,) for t in (weight, bias)):
-        return [p, _constant(d, 1.0, dtype, p.device), _constant(d, 0.0, dtype, p.device)]
+        return [p, constant(1.0), constant(0.0)]
     if weight is None:
-        weight = _constant(d, 1.0 + offset, dtype, p.device)
+        weight = constant(1.0 + offset)
     elif offset:
         weight = weight + offset  # in the weight's dtype, as the norm computed it
-    bias = _constant(d, 0.0, dtype, p.device) if bias is None else bias
-    return [y_hat, weight.to(dtype), bias.to(dtype)]
+    return [y_hat, weight.to(dtype), constant(0.0) if bias is None else bias.to(dtype)]
 
 
 def _example(like: Any, fill: float | None) -> Any:
@@ -114,8 +119,10 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphMod
                         user.args = fx.node.map_arg(user.args, lambda a, u=u: 0.0 if a is u else a)
                         user.kwargs = fx.node.map_arg(user.kwargs, lambda a, u=u: 0.0 if a is u else a)
                 graph.erase_node(u)
+            graph.erase_node(n)
         else:
             z, y_hat, weight, bias, offset = n.args
+            graph.erase_node(n)
             if z not in outs:
                 continue  # no longer returned: nothing to hand on
             refs = []
@@ -129,7 +136,6 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphMod
                     extra_outs.append(t)
             lifted.published.append(_Published(outs.index(z), len(outs) + len(extra_outs), *refs, float(offset)))
             extra_outs.append(y_hat)
-        graph.erase_node(n)
     output.args = (tuple(outs + extra_outs),)
     graph.lint()
     gm.recompile()

@@ -4,8 +4,8 @@ Where Dynamo breaks a model into graphs (a data-dependent branch such as wav2vec
 cannot trace), a norm can end one graph and the linears that read its output begin the next. Neither
 graph alone can share: the first keeps the norm's input, the second keeps the output z it receives.
 
-Under an inner that runs graphs as Python, the tensor a graph returns is the object the next graph
-receives, so the first graph can leave y_hat beside z:
+The tensor a graph returns is the object the next graph receives (Dynamo passes it on as it is), so
+the first graph can leave y_hat beside z, recorded for that object:
 
     graph A:  z, y_hat, rstd = approxbp::norm_shared(x, gamma, beta, ...)   keeps y_hat, rstd
               publish(z, y_hat, gamma, beta, offset)                          z -> y_hat, by identity
@@ -16,6 +16,9 @@ receives, so the first graph can leave y_hat beside z:
 A miss (z came from anywhere else, or was changed in place after the norm: its version counter moved)
 gives graph B exactly what it kept before, z with no affine to rebuild. The entry lives no longer than z
 and is dropped when the norm's backward has run, so y_hat is never kept past what graph A keeps anyway.
+
+The eager inner runs these calls in the graph; an AOTAutograd-based inner, which fixes a graph's saved
+set when it traces it, runs them at the compiled function's boundary (``inners/handoff.py``).
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ Backward rebuilds a layer's input as ``mask * scale * affine(y_hat)[idx]``. Any 
 the output itself (or a chain in another order), so the site is left alone and the report names it.
 
 A graph break between a norm and its linears (the norm's output leaves one Dynamo graph, the linears read
-it in the next) is bridged where the inner runs graphs as Python (``Inner.shares_across_graphs``, the eager
-inner): the norm is rewritten and ``ops/handoff.py`` records y_hat for its output; a graph input that
-carries a gradient and is read by linears gets them rewritten over what it arrives with:
+it in the next) is bridged where the inner can (``Inner.shares_across_graphs``; the built-in ones): the
+norm is rewritten and ``ops/handoff.py`` records y_hat for its output; a graph input that carries a
+gradient and is read by linears gets them rewritten over what it arrives with:
 
     graph A:  z, y_hat, rstd = approxbp::norm_shared(x, ...); publish(z, y_hat, gamma, beta, offset); return z
     graph B:  y, w, b, off = received(z)          (y_hat, gamma, beta, offset), or (z, None, None, 0.0)
@@ -589,6 +589,10 @@ def _received_site(gm: fx.GraphModule, p: fx.Node, options: Options) -> Candidat
     only plain linear layers (no modulation, no moved dim: their affine would need the norm's)."""
     v = value(p)
     if v is None or isinstance(v, nn.Parameter) or not v.requires_grad or not v.is_floating_point() or v.dim() == 0:
+        return None
+    if getattr(p, "_dynamo_source", None) is None:
+        # not a value of the user's frame: a piece of a graph Dynamo's DDP optimizer split at its buckets,
+        # whose inputs are the previous piece's values (the pieces run together, under fake tensors too)
         return None
     # a dropout reading p is the dropout family's site (its linears keep p and the mask)
     consumers, blocker, dropouts = _walk(gm, _Path(p), _Walk(p, v.shape[-1], False, frozenset()))
