@@ -468,8 +468,8 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every norm -> linear site (module docstring), with the reason it cannot be shared where it cannot."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     handoff_on = get_inner(getattr(options, "inner", "inductor")).shares_across_graphs
-    received = [c for p in gm.graph.nodes if p.op == "placeholder"
-                for c in [_received_site(gm, p, options)] if handoff_on and c is not None]
+    received = [c for p in gm.graph.nodes if p.op == "placeholder" and handoff_on
+                if (c := _received_site(gm, p)) is not None]
     claimed: set[fx.Node] = set()  # nodes of computed norms found so far: a LayerNorm's second reduction
     norms: list[tuple[fx.Node, _Norm]] = []
     for n in gm.graph.nodes:
@@ -532,8 +532,8 @@ def _upcast_kept(gm: fx.GraphModule, norm: _Norm) -> int:
 def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_readers: frozenset[fx.Node],
           handoff_on: bool = False) -> Candidate:
     consumers, blocker, dropouts = _consumers(gm, norm, getattr(options, "masks", True), norm_readers)
-    # Returned by the graph (a graph break before the linears that read it): under an inner that runs
-    # graphs as Python the rewritten norm hands y_hat to the next graph (``ops/handoff.py``)
+    # Returned by the graph (a graph break before the linears that read it): where the inner can, the
+    # rewritten norm hands y_hat on to the next graph (``ops/handoff.py``)
     returned = any(u.op == "output" for u in norm.z.users)
     hands_on = returned and handoff_on
     # Read by another norm that is rewritten (which keeps its own y_hat): this norm's output is then kept by
@@ -581,7 +581,7 @@ def _site(gm: fx.GraphModule, n: fx.Node, norm: _Norm, options: Options, norm_re
         replaces=(norm.z, *(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout)))
 
 
-def _received_site(gm: fx.GraphModule, p: fx.Node, options: Options) -> Candidate | None:
+def _received_site(gm: fx.GraphModule, p: fx.Node) -> Candidate | None:
     """A graph input read by linears with a trainable weight, which may be a norm's output handed on by
     the previous graph (``ops/handoff.py``): the linears read it as ``linear_shared`` over the y_hat it
     arrives with, or over itself with no affine where it arrives with none (then they keep what they
@@ -604,8 +604,7 @@ def _received_site(gm: fx.GraphModule, p: fx.Node, options: Options) -> Candidat
     return Candidate(
         FAMILY, p.name, module_path(consumers[0].node),
         _pattern(RECEIVED, consumers) + " (reading a handed-on y_hat, if any)",
-        apply=lambda edit: _apply_received(edit, p, first, consumers),
-        replaces=(*(c.node for c in consumers), *dict.fromkeys(c.dropout for c in consumers if c.dropout)))
+        apply=lambda edit: _apply_received(edit, p, first, consumers), replaces=tuple(c.node for c in consumers))
 
 
 def _apply_received(edit: GraphEdit, p: fx.Node, first: fx.Node, consumers: list[_Consumer]) -> None:

@@ -453,3 +453,21 @@ def test_ops_survive_dynamos_recompile_limit(fresh_dynamo):
         bias = torch.randn(OUT, requires_grad=True) if has_bias else None
         linear_shared(z, y_hat, weight, bias, gamma, beta, weight_transposed=transposed).sum().backward()
         assert z.grad is not None
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_eager_output_may_be_modified_in_place(rms):
+    """The eager form's z is no view among the op's outputs: code after a graph break may modify it in place
+    (Switch Transformers' router jitter, ``h *= noise``), and gradients are those of plain autograd."""
+    from approxbp_fx.ops.spec import eager_forms
+
+    norm_shared = eager_forms()[torch.ops.approxbp.norm_shared.default]
+    x, w, b = rand(2, 3, 8), rand(8), None if rms else rand(8)
+    z, _, _ = norm_shared(x, w, b, 0.0, 1, 1e-6 if rms else 1e-5, rms, torch.float64, torch.float64, False)
+    z.mul_(2.0)
+    ref = 2.0 * (rms_norm_reference(x, w) if rms else layer_norm_reference(x, w, b))
+    torch.testing.assert_close(z, ref)
+    grads = torch.autograd.grad(z.sum(), [t for t in (x, w, b) if t is not None])
+    ref_grads = torch.autograd.grad(ref.sum(), [t for t in (x, w, b) if t is not None])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
