@@ -511,3 +511,14 @@ def test_verification_no_side_effects_across_train_eval_toggles() -> None:
         torch.testing.assert_close(approx.bn.running_var, plain.bn.running_var, rtol=0, atol=1e-6)
         assert approx.bn.num_batches_tracked.item() == plain.bn.num_batches_tracked.item()
     assert plain.bn.num_batches_tracked.item() == 2
+
+
+def test_report_of_a_graph_with_symbolic_sizes(fresh_dynamo) -> None:
+    """With dynamic shapes the byte estimates come from symbolic sizes: the report holds plain ints (the
+    example's sizes) and prints."""
+    model = tiny()
+    with approxbp_fx.collect_reports() as reports:
+        torch.compile(model, backend="approxbp", dynamic=True, options={"inner": "eager"})(torch.randn(4, 6, 8))
+    sites = [s for r in reports for s in r.sites if s.rewritten]
+    assert sites and all(type(s.bytes_saved) is int and s.bytes_saved > 0 for s in sites)
+    assert all(f"{r.bytes_saved:,}" in str(r) for r in reports)

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..report import Site
+from ._graph import concrete
 
 __all__ = ["Candidate", "GraphEdit", "SITE_KEY"]
 
@@ -39,7 +40,7 @@ class Candidate:
 
     def site(self, rewritten: bool, reason: str = "") -> Site:
         return Site(self.id, self.path, self.pattern, rewritten, "" if rewritten else reason,
-                    self.bytes_saved if rewritten else 0, self.constants if rewritten else "", self.family)
+                    concrete(self.bytes_saved) if rewritten else 0, self.constants if rewritten else "", self.family)
 
 
 class GraphEdit:

@@ -42,9 +42,15 @@ def value(node: Any) -> torch.Tensor | None:
     return None
 
 
+def concrete(n: Any) -> Any:
+    """A size as a plain int: a symbolic one (Dynamo marks a dim dynamic after a recompile) as its example's
+    value, read without adding a guard; for estimates and messages only."""
+    return int(n.node.hint) if isinstance(n, torch.SymInt) else n
+
+
 def tensor_bytes(node: Any) -> int:
     v = value(node)
-    return 0 if v is None else v.numel() * v.element_size()
+    return 0 if v is None else concrete(v.numel()) * v.element_size()
 
 
 def target_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
