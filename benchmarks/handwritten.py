@@ -123,8 +123,8 @@ def table(rows: list[dict[str, object]]) -> str:
     for r in rows:
         err = "n/a (dropout)" if r["grad_err"] is None else f"{r['grad_err']:.1e}"
         handed = f" (+{r['handed']} handed on)" if r["handed"] else ""
-        lines.append(f"| {DESCRIPTIONS[r['name']]} | {r['rewritten']}/{r['found']}{handed} | {r['eager']:,} | {r['inner']:.3f} "
-                     f"| {r['exact']:.3f} | {r['compiled']:,} | {r['inductor']:.3f} | {err} |")
+        lines.append(f"| {DESCRIPTIONS[r['name']]} | {r['rewritten']}/{r['found']}{handed} | {r['eager']:,} "
+                     f"| {r['inner']:.3f} | {r['exact']:.3f} | {r['compiled']:,} | {r['inductor']:.3f} | {err} |")
     skips = [f"- {DESCRIPTIONS[r['name']]}: {reason}" for r in rows for reason in r["skips"]]
     return "\n".join(lines + (["", "Norms left alone:", *skips] if skips else []) + [
         "", "\"handed on\": a norm whose output leaves its graph, rewritten to hand its y_hat to the linears of "

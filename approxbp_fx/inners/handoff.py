@@ -86,7 +86,10 @@ def _example(like: Any, fill: float | None) -> Any:
     return like.new_full((like.shape[-1],), fill, dtype=_affine_dtype(like))
 
 
-def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[Any], Callable[[Callable[..., Any]], Callable[..., Any]] | None]:
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[Any], Wrapper | None]:
     """The graph with its handoff calls lifted (in place), its example inputs with the new ones, and a
     function that wraps the compiled graph; ``None`` for the wrapper where the graph has no such call."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (handoff.received, handoff.publish)]
