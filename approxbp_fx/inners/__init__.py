@@ -65,10 +65,9 @@ def _lifting(compile: Callable[[fx.GraphModule, Sequence[Any], str | None], Call
     boundary (``inners/handoff.py``): inside, AOTAutograd would trace them once."""
 
     def compile_lifted(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
-        from ..driver import copy_graph_module
         from .handoff import lift
 
-        gm, examples, wrap = lift(copy_graph_module(gm)[0], example_inputs)  # the report's graph stays as it is
+        gm, examples, wrap = lift(gm, example_inputs)
         compiled = compile(gm, examples, mode)
         return compiled if wrap is None else wrap(compiled)
 

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..ops import handoff
+from ..ops.norms import filled
 
 __all__ = ["lift"]
 
@@ -52,29 +53,22 @@ def _affine_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=16)
-def _constant(d: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.full((d,), value, dtype=dtype, device=device)
-
-
 def _arriving(p: Tensor) -> list[Tensor]:
     """y, weight, bias for the lifted inputs of a received p."""
     y_hat, weight, bias, offset = handoff.received(p)
     dtype, d = _affine_dtype(p), p.shape[-1]
-    if type(p) is Tensor:
-        def constant(value: float) -> Tensor:
-            return _constant(d, value, dtype, p.device)
-    else:  # a fake or other subclass (a run under a tracer): constants of its own kind
-        def constant(value: float) -> Tensor:
-            return p.new_full((d,), value, dtype=dtype)
+
+    def constant(value: float) -> Tensor:
+        # a fake or other subclass (a run under a tracer) gets constants of its own kind, not cached real ones
+        return filled(d, value, p.device, dtype) if type(p) is Tensor else p.new_full((d,), value, dtype=dtype)
+
     if y_hat is p or y_hat.dtype != p.dtype or y_hat.shape != p.shape or y_hat.stride() != p.stride() \
             or any(t is not None and t.shape != (d,) for t in (weight, bias)):
         return [p, constant(1.0), constant(0.0)]
-    if weight is None:
-        weight = constant(1.0 + offset)
-    elif offset:
-        weight = weight + offset  # in the weight's dtype, as the norm computed it
-    return [y_hat, weight.to(dtype), constant(0.0) if bias is None else bias.to(dtype)]
+    if weight is not None and offset:
+        weight = weight + offset  # in the weight's dtype, as the norm computed it (no weight: no offset either)
+    return [y_hat, constant(1.0) if weight is None else weight.to(dtype),
+            constant(0.0) if bias is None else bias.to(dtype)]
 
 
 def _example(like: Any, fill: float | None) -> Any:
@@ -89,12 +83,19 @@ def _example(like: Any, fill: float | None) -> Any:
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+def _is_handoff(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (handoff.received, handoff.publish)
+
+
 def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[Any], Wrapper | None]:
-    """The graph with its handoff calls lifted (in place), its example inputs with the new ones, and a
-    function that wraps the compiled graph; ``None`` for the wrapper where the graph has no such call."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (handoff.received, handoff.publish)]
-    if not calls:
+    """A copy of the graph with its handoff calls lifted, its example inputs with the new ones, and a function
+    that wraps the compiled graph; where the graph has no such call, the graph itself and ``None``."""
+    if not any(_is_handoff(n) for n in gm.graph.nodes):
         return gm, list(example_inputs), None
+    from ..driver import copy_graph_module
+
+    gm, _ = copy_graph_module(gm)  # the report's graph keeps the calls
+    calls = [n for n in gm.graph.nodes if _is_handoff(n)]
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")

@@ -468,8 +468,8 @@ def find(gm: fx.GraphModule, options: Options) -> list[Candidate]:
     """Every norm -> linear site (module docstring), with the reason it cannot be shared where it cannot."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     handoff_on = get_inner(getattr(options, "inner", "inductor")).shares_across_graphs
-    received = [c for p in gm.graph.nodes if p.op == "placeholder" and handoff_on
-                if (c := _received_site(gm, p)) is not None]
+    received = [c for p in gm.graph.find_nodes(op="placeholder") if (c := _received_site(gm, p)) is not None] \
+        if handoff_on else []
     claimed: set[fx.Node] = set()  # nodes of computed norms found so far: a LayerNorm's second reduction
     norms: list[tuple[fx.Node, _Norm]] = []
     for n in gm.graph.nodes:
